@@ -1,0 +1,143 @@
+//! Assembling the guest kernel command line.
+//!
+//! Order matters: vmlab's defaults first, then host workarounds, then the
+//! parameters for the guest init (`vmlab.*`), then the user's `--cmdline`,
+//! so that a user's option overrides a default (Linux takes the last
+//! occurrence of most parameters).
+
+/// Options every vmlab guest gets.
+///
+/// - `console=ttyS0`: the kernel console on the emulated 8250.
+/// - `reboot=k`: reboot through the i8042 reset line, which vmlab watches.
+/// - `panic=-1`: reboot at once on a panic, so vmlab sees it and exits
+///   (instead of the guest spinning forever).
+/// - `8250.nr_uarts=1`: only COM1 exists; skip probing the others.
+/// - `random.trust_bootloader=on`: credit the RNG seed vmlab passes.
+pub const DEFAULTS: &[&str] = &[
+    "console=ttyS0",
+    "reboot=k",
+    "panic=-1",
+    "8250.nr_uarts=1",
+    "random.trust_bootloader=on",
+];
+
+/// What the guest init should do, encoded as `vmlab.*` parameters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InitParams {
+    /// Command and arguments to run; `None` for an interactive shell.
+    pub command: Option<Vec<String>>,
+    /// Whether vmlab's stdout is a terminal.
+    pub tty: bool,
+    /// Extra environment `KEY=VALUE`.
+    pub env: Vec<String>,
+    /// Working directory.
+    pub workdir: Option<String>,
+    /// `uid[:gid]`.
+    pub user: Option<String>,
+}
+
+/// Lowercase hex of `bytes`: survives the kernel's command-line parsing
+/// whatever the bytes are (spaces, quotes, `--`).
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[usize::from(b >> 4)] as char);
+        s.push(DIGITS[usize::from(b & 0xf)] as char);
+    }
+    s
+}
+
+fn nul_joined(items: &[String]) -> Vec<u8> {
+    items.join("\0").into_bytes()
+}
+
+/// The `vmlab.*` parameters for `init`.
+pub fn init_params(init: &InitParams) -> Vec<String> {
+    let mut out = vec![format!("vmlab.tty={}", u8::from(init.tty))];
+    if let Some(cmd) = &init.command {
+        // Keep the console quiet while a command runs: its output is what
+        // the user asked for, like `docker run`.
+        out.push("quiet".to_string());
+        out.push("vmlab.quiet=1".to_string());
+        out.push(format!("vmlab.cmd={}", hex(&nul_joined(cmd))));
+    }
+    if !init.env.is_empty() {
+        out.push(format!("vmlab.env={}", hex(&nul_joined(&init.env))));
+    }
+    if let Some(dir) = &init.workdir {
+        out.push(format!("vmlab.workdir={}", hex(dir.as_bytes())));
+    }
+    if let Some(user) = &init.user {
+        out.push(format!("vmlab.user={}", hex(user.as_bytes())));
+    }
+    out
+}
+
+/// The full command line.
+pub fn assemble(quirks: &[&str], extra: &[String], init: &InitParams, user: Option<&str>) -> String {
+    let mut parts: Vec<String> = DEFAULTS.iter().map(|s| s.to_string()).collect();
+    parts.extend(quirks.iter().map(|s| s.to_string()));
+    parts.extend(extra.iter().cloned());
+    parts.extend(init_params(init));
+    if let Some(user) = user.map(str::trim).filter(|u| !u.is_empty()) {
+        parts.push(user.to_string());
+    }
+    parts.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_encoding() {
+        assert_eq!(hex(b""), "");
+        assert_eq!(hex(b"sh\0-c"), "7368002d63");
+        assert_eq!(hex(&[0xff, 0x00, 0x7f]), "ff007f");
+    }
+
+    #[test]
+    fn command_is_hex_of_nul_joined_argv() {
+        let init = InitParams {
+            command: Some(vec!["sh".into(), "-c".into(), "exit 3".into()]),
+            ..Default::default()
+        };
+        let p = init_params(&init);
+        assert!(p.contains(&format!("vmlab.cmd={}", hex(b"sh\0-c\0exit 3"))));
+        assert!(p.contains(&"quiet".to_string()));
+        assert!(p.contains(&"vmlab.tty=0".to_string()));
+    }
+
+    #[test]
+    fn interactive_boot_is_not_quiet() {
+        let p = init_params(&InitParams {
+            tty: true,
+            ..Default::default()
+        });
+        assert_eq!(p, vec!["vmlab.tty=1".to_string()]);
+    }
+
+    #[test]
+    fn order_defaults_quirks_init_user() {
+        let init = InitParams {
+            command: Some(vec!["true".into()]),
+            env: vec!["A=b c".into()],
+            workdir: Some("/srv".into()),
+            user: Some("1000:1000".into()),
+            ..Default::default()
+        };
+        let line = assemble(&["noxsave"], &["root=/dev/vda".into()], &init, Some(" loglevel=7 "));
+        assert!(line.starts_with("console=ttyS0 reboot=k panic=-1"));
+        let pos = |s: &str| line.find(s).unwrap();
+        assert!(pos("panic=-1") < pos("noxsave"));
+        assert!(pos("noxsave") < pos("root=/dev/vda"));
+        assert!(pos("root=/dev/vda") < pos("vmlab.cmd="));
+        assert!(pos("vmlab.cmd=") < pos("loglevel=7"));
+        assert!(line.ends_with("loglevel=7"));
+        assert!(line.contains(&format!("vmlab.env={}", hex(b"A=b c"))));
+        assert!(line.contains(&format!("vmlab.workdir={}", hex(b"/srv"))));
+        assert!(line.contains(&format!("vmlab.user={}", hex(b"1000:1000"))));
+        assert!(!line.contains("  "));
+    }
+}

@@ -1,0 +1,145 @@
+//! What kind of KVM this host has, and what vmlab must do about it.
+//!
+//! On hardware virtualization (VT-x/AMD-V) vmlab applies nothing special.
+//! On a host whose `/dev/kvm` comes from the `kvm_pvm` module (a nested,
+//! pagetable-based KVM without VT-x; see docs/HOST.md) an ordinary guest
+//! kernel only runs with some CPU features hidden from it, and KVM's
+//! instruction emulator rejects a few instructions that vmlab then emulates
+//! itself. Both workarounds are applied only when such a host is detected.
+
+use std::path::Path;
+
+/// Kinds of KVM host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostKind {
+    /// VT-x or AMD-V: no workarounds.
+    Hardware,
+    /// The `kvm_pvm` module: nested, shadow-paging KVM.
+    NestedPvm,
+}
+
+/// How the user asked vmlab to decide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum QuirksMode {
+    /// Detect the host.
+    #[default]
+    Auto,
+    /// Apply the PVM workarounds whatever the host.
+    Pvm,
+    /// Apply no workarounds.
+    None,
+}
+
+/// Kernel command-line options without which an ordinary Linux guest does
+/// not get through boot on a PVM host: XSAVE and the listed CPU features
+/// lead the kernel into instructions that KVM's emulator rejects there.
+/// `clearcpuid=` takes at most 128 characters.
+pub const PVM_CMDLINE: &[&str] = &[
+    "noxsave",
+    "mitigations=off",
+    "clearcpuid=popcnt,cx16,smap,smep,fsgsbase,rdpid,invpcid,pcid,pku,rdtscp,movbe,bmi1,bmi2,abm,rdrand,rdseed,erms,fsrm,avx,avx2,avx512f",
+];
+
+impl HostKind {
+    /// Looks at the running host.
+    pub fn detect() -> HostKind {
+        Self::detect_at(Path::new("/sys/module"), Path::new("/proc/cpuinfo"))
+    }
+
+    /// Detection against given sysfs/procfs paths (for tests).
+    pub fn detect_at(sys_module: &Path, cpuinfo: &Path) -> HostKind {
+        if sys_module.join("kvm_pvm").exists() {
+            return HostKind::NestedPvm;
+        }
+        // KVM without vmx/svm in the CPU flags can only be a software or
+        // pagetable-based implementation: treat it like PVM.
+        match std::fs::read_to_string(cpuinfo) {
+            Ok(info) => {
+                let flags = info
+                    .lines()
+                    .find(|l| l.starts_with("flags"))
+                    .unwrap_or_default();
+                let hw = flags.split_whitespace().any(|f| f == "vmx" || f == "svm");
+                if hw {
+                    HostKind::Hardware
+                } else {
+                    HostKind::NestedPvm
+                }
+            }
+            Err(_) => HostKind::Hardware,
+        }
+    }
+
+    /// Resolves the user's choice against detection.
+    pub fn resolve(mode: QuirksMode) -> HostKind {
+        match mode {
+            QuirksMode::Auto => Self::detect(),
+            QuirksMode::Pvm => HostKind::NestedPvm,
+            QuirksMode::None => HostKind::Hardware,
+        }
+    }
+
+    /// Command-line additions this host needs.
+    pub fn cmdline_quirks(self) -> &'static [&'static str] {
+        match self {
+            HostKind::Hardware => &[],
+            HostKind::NestedPvm => PVM_CMDLINE,
+        }
+    }
+
+    /// Whether vmlab emulates instructions KVM rejects.
+    pub fn emulation_fallback(self) -> bool {
+        self == HostKind::NestedPvm
+    }
+
+    /// A short description for logs and reports.
+    pub fn describe(self) -> &'static str {
+        match self {
+            HostKind::Hardware => "hardware-assisted KVM (VT-x/AMD-V)",
+            HostKind::NestedPvm => "nested KVM without VT-x (kvm_pvm)",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake(dir: &Path, pvm: bool, flags: &str) -> HostKind {
+        let sys = dir.join("sys");
+        std::fs::create_dir_all(&sys).unwrap();
+        if pvm {
+            std::fs::create_dir_all(sys.join("kvm_pvm")).unwrap();
+        }
+        let cpuinfo = dir.join("cpuinfo");
+        std::fs::write(&cpuinfo, format!("processor\t: 0\nflags\t\t: {flags}\n")).unwrap();
+        HostKind::detect_at(&sys, &cpuinfo)
+    }
+
+    #[test]
+    fn detection() {
+        let base = std::env::temp_dir().join(format!("vmlab-host-{}", std::process::id()));
+        assert_eq!(fake(&base.join("a"), true, "fpu vme"), HostKind::NestedPvm);
+        assert_eq!(fake(&base.join("b"), false, "fpu vmx sse"), HostKind::Hardware);
+        assert_eq!(fake(&base.join("c"), false, "fpu svm"), HostKind::Hardware);
+        assert_eq!(fake(&base.join("d"), false, "fpu sse2"), HostKind::NestedPvm);
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn hardware_gets_no_quirks() {
+        assert!(HostKind::Hardware.cmdline_quirks().is_empty());
+        assert!(!HostKind::Hardware.emulation_fallback());
+        assert!(HostKind::NestedPvm.emulation_fallback());
+        assert_eq!(HostKind::resolve(QuirksMode::None), HostKind::Hardware);
+        assert_eq!(HostKind::resolve(QuirksMode::Pvm), HostKind::NestedPvm);
+    }
+
+    #[test]
+    fn clearcpuid_fits_the_kernel_limit() {
+        let arg = PVM_CMDLINE.iter().find(|a| a.starts_with("clearcpuid=")).unwrap();
+        let value = arg.trim_start_matches("clearcpuid=");
+        assert!(value.len() <= 128, "{} characters", value.len());
+        assert!(!value.contains(' '));
+    }
+}

@@ -1,0 +1,26 @@
+//! vmlab: a micro-VM monitor on Linux KVM.
+//!
+//! Where things are:
+//! - [`cli`]: the command line.
+//! - [`vm`]: building a VM from its configuration and running it (the boot
+//!   path, top to bottom, is `Vm::build`).
+//! - [`vcpu`]: vCPU threads and VM-exit handling.
+//! - [`arch`]: x86_64 memory map, page tables, GDT, CPUID, MP table.
+//! - [`boot`]: loading the kernel and initrd, boot_params.
+//! - [`cmdline`]: the guest kernel command line.
+//! - [`devices`]: the emulated devices, one file each.
+//! - [`emulate`]: user-space emulation of instructions a nested KVM rejects.
+//! - [`host`]: host detection and the workarounds a nested KVM needs.
+
+pub mod arch;
+pub mod boot;
+pub mod cli;
+pub mod cmdline;
+pub mod control;
+pub mod devices;
+pub mod emulate;
+pub mod host;
+pub mod stats;
+pub mod terminal;
+pub mod vcpu;
+pub mod vm;
