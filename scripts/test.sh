@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The README's second command: set up (guest kernel, initramfs) and run
+# every check: formatting, clippy, unit tests and the integration tests
+# that boot real guests on /dev/kvm.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+[ -e /dev/kvm ] || { echo "test: /dev/kvm is missing: vmlab's tests need KVM" >&2; exit 1; }
+scripts/build-guest.sh
+echo "test: cargo fmt --check"
+cargo fmt --all -- --check
+echo "test: cargo clippy"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "test: cargo test"
+cargo test --workspace --no-fail-fast 2>&1
