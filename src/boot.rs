@@ -242,7 +242,12 @@ fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 /// Chooses where an initrd of `size` bytes goes: as high as possible below
 /// both the end of low RAM and the kernel's `initrd_addr_max`, page aligned,
 /// and above the kernel. `None` when it does not fit.
-pub fn initrd_placement(size: u64, kernel_end: u64, mem_size: u64, initrd_addr_max: u64) -> Option<u64> {
+pub fn initrd_placement(
+    size: u64,
+    kernel_end: u64,
+    mem_size: u64,
+    initrd_addr_max: u64,
+) -> Option<u64> {
     let lowmem_end = mem_size.min(MMIO_GAP_START);
     let top = lowmem_end.min(initrd_addr_max.saturating_add(1));
     let addr = top.checked_sub(size)? & !0xfff;
@@ -442,7 +447,10 @@ mod tests {
         assert_eq!({ p.hdr.setup_data }, SETUP_DATA_START);
         assert_eq!(p.e820_entries, 3);
         let last = p.e820_table[2];
-        assert_eq!(({ last.addr }, { last.size }, { last.r#type }), (HIMEM_START, (256 << 20) - HIMEM_START, 1));
+        assert_eq!(
+            ({ last.addr }, { last.size }, { last.r#type }),
+            (HIMEM_START, (256 << 20) - HIMEM_START, 1)
+        );
     }
 
     #[test]
@@ -467,7 +475,8 @@ mod tests {
 
     #[test]
     fn initrd_goes_high_and_page_aligned() {
-        let addr = initrd_placement(0x1234, 0x300_0000, 256 << 20, DEFAULT_INITRD_ADDR_MAX).unwrap();
+        let addr =
+            initrd_placement(0x1234, 0x300_0000, 256 << 20, DEFAULT_INITRD_ADDR_MAX).unwrap();
         assert_eq!(addr % 0x1000, 0);
         assert!(addr + 0x1234 <= 256 << 20);
         assert!(addr >= (256 << 20) - 0x3000);
@@ -483,16 +492,31 @@ mod tests {
 
     #[test]
     fn initrd_that_does_not_fit() {
-        assert_eq!(initrd_placement(300 << 20, 0x300_0000, 256 << 20, DEFAULT_INITRD_ADDR_MAX), None);
-        assert_eq!(initrd_placement(250 << 20, 0x300_0000, 256 << 20, DEFAULT_INITRD_ADDR_MAX), None);
+        assert_eq!(
+            initrd_placement(300 << 20, 0x300_0000, 256 << 20, DEFAULT_INITRD_ADDR_MAX),
+            None
+        );
+        assert_eq!(
+            initrd_placement(250 << 20, 0x300_0000, 256 << 20, DEFAULT_INITRD_ADDR_MAX),
+            None
+        );
     }
 
     #[test]
     fn cmdline_limits() {
         assert!(check_cmdline("console=ttyS0", 2047).is_ok());
         let long = "x".repeat(2048);
-        assert!(matches!(check_cmdline(&long, 2047), Err(Error::CmdlineTooLong { len: 2048, max: 2047 })));
-        assert!(matches!(check_cmdline("a\0b", 2047), Err(Error::CmdlineNul)));
+        assert!(matches!(
+            check_cmdline(&long, 2047),
+            Err(Error::CmdlineTooLong {
+                len: 2048,
+                max: 2047
+            })
+        ));
+        assert!(matches!(
+            check_cmdline("a\0b", 2047),
+            Err(Error::CmdlineNul)
+        ));
     }
 
     #[test]
@@ -500,7 +524,10 @@ mod tests {
         let seed = [7u8; RNG_SEED_LEN];
         let rec = rng_seed_setup_data(&seed);
         assert_eq!(&rec[0..8], &[0; 8]);
-        assert_eq!(u32::from_le_bytes(rec[8..12].try_into().unwrap()), SETUP_RNG_SEED);
+        assert_eq!(
+            u32::from_le_bytes(rec[8..12].try_into().unwrap()),
+            SETUP_RNG_SEED
+        );
         assert_eq!(u32::from_le_bytes(rec[12..16].try_into().unwrap()), 32);
         assert_eq!(&rec[16..], &seed);
         let mut a = [0u8; 32];
@@ -524,17 +551,29 @@ mod tests {
         host_random(&mut bytes).unwrap();
         bytes[0] = 0; // never an ELF magic by chance
         std::fs::write(&random, &bytes).unwrap();
-        assert!(matches!(load_kernel(&mem, &random), Err(Error::NotAKernel { .. })));
+        assert!(matches!(
+            load_kernel(&mem, &random),
+            Err(Error::NotAKernel { .. })
+        ));
 
         let truncated = dir.join("truncated");
         let mut elf = b"\x7fELF\x02\x01\x01\x00".to_vec();
         elf.resize(40, 0);
         std::fs::write(&truncated, &elf).unwrap();
-        assert!(matches!(load_kernel(&mem, &truncated), Err(Error::BadKernel { .. })));
+        assert!(matches!(
+            load_kernel(&mem, &truncated),
+            Err(Error::BadKernel { .. })
+        ));
 
         let missing = dir.join("missing");
-        assert!(matches!(load_kernel(&mem, &missing), Err(Error::KernelFile { .. })));
-        assert!(matches!(load_kernel(&mem, &dir), Err(Error::KernelFile { .. })));
+        assert!(matches!(
+            load_kernel(&mem, &missing),
+            Err(Error::KernelFile { .. })
+        ));
+        assert!(matches!(
+            load_kernel(&mem, &dir),
+            Err(Error::KernelFile { .. })
+        ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

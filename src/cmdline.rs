@@ -75,7 +75,12 @@ pub fn init_params(init: &InitParams) -> Vec<String> {
 }
 
 /// The full command line.
-pub fn assemble(quirks: &[&str], extra: &[String], init: &InitParams, user: Option<&str>) -> String {
+pub fn assemble(
+    quirks: &[&str],
+    extra: &[String],
+    init: &InitParams,
+    user: Option<&str>,
+) -> String {
     let mut parts: Vec<String> = DEFAULTS.iter().map(|s| s.to_string()).collect();
     parts.extend(quirks.iter().map(|s| s.to_string()));
     parts.extend(extra.iter().cloned());
@@ -127,7 +132,12 @@ mod tests {
             user: Some("1000:1000".into()),
             ..Default::default()
         };
-        let line = assemble(&["noxsave"], &["root=/dev/vda".into()], &init, Some(" loglevel=7 "));
+        let line = assemble(
+            &["noxsave"],
+            &["root=/dev/vda".into()],
+            &init,
+            Some(" loglevel=7 "),
+        );
         assert!(line.starts_with("console=ttyS0 reboot=k panic=-1"));
         let pos = |s: &str| line.find(s).unwrap();
         assert!(pos("panic=-1") < pos("noxsave"));

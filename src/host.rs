@@ -120,9 +120,15 @@ mod tests {
     fn detection() {
         let base = std::env::temp_dir().join(format!("vmlab-host-{}", std::process::id()));
         assert_eq!(fake(&base.join("a"), true, "fpu vme"), HostKind::NestedPvm);
-        assert_eq!(fake(&base.join("b"), false, "fpu vmx sse"), HostKind::Hardware);
+        assert_eq!(
+            fake(&base.join("b"), false, "fpu vmx sse"),
+            HostKind::Hardware
+        );
         assert_eq!(fake(&base.join("c"), false, "fpu svm"), HostKind::Hardware);
-        assert_eq!(fake(&base.join("d"), false, "fpu sse2"), HostKind::NestedPvm);
+        assert_eq!(
+            fake(&base.join("d"), false, "fpu sse2"),
+            HostKind::NestedPvm
+        );
         std::fs::remove_dir_all(&base).unwrap();
     }
 
@@ -137,7 +143,10 @@ mod tests {
 
     #[test]
     fn clearcpuid_fits_the_kernel_limit() {
-        let arg = PVM_CMDLINE.iter().find(|a| a.starts_with("clearcpuid=")).unwrap();
+        let arg = PVM_CMDLINE
+            .iter()
+            .find(|a| a.starts_with("clearcpuid="))
+            .unwrap();
         let value = arg.trim_start_matches("clearcpuid=");
         assert!(value.len() <= 128, "{} characters", value.len());
         assert!(!value.contains(' '));

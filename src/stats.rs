@@ -100,10 +100,12 @@ impl ExitStats {
 
     /// Total exits.
     pub fn total(&self) -> ExitStat {
-        self.by_kind.values().fold(ExitStat::default(), |acc, s| ExitStat {
-            count: acc.count + s.count,
-            time: acc.time + s.time,
-        })
+        self.by_kind
+            .values()
+            .fold(ExitStat::default(), |acc, s| ExitStat {
+                count: acc.count + s.count,
+                time: acc.time + s.time,
+            })
     }
 
     /// Rows sorted by count, largest first.
@@ -117,11 +119,23 @@ impl ExitStats {
 impl fmt::Display for ExitStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let total = self.total();
-        writeln!(f, "vmlab exit statistics ({} exits to user space)", total.count)?;
-        writeln!(f, "{:>10}  {:>12}  {:>9}  reason", "count", "handling us", "avg us")?;
+        writeln!(
+            f,
+            "vmlab exit statistics ({} exits to user space)",
+            total.count
+        )?;
+        writeln!(
+            f,
+            "{:>10}  {:>12}  {:>9}  reason",
+            "count", "handling us", "avg us"
+        )?;
         for (kind, s) in self.rows() {
             let us = s.time.as_secs_f64() * 1e6;
-            let avg = if s.count > 0 { us / s.count as f64 } else { 0.0 };
+            let avg = if s.count > 0 {
+                us / s.count as f64
+            } else {
+                0.0
+            };
             writeln!(f, "{:>10}  {:>12.0}  {:>9.1}  {kind}", s.count, us, avg)?;
         }
         writeln!(
@@ -150,7 +164,10 @@ mod tests {
         a.record(ExitKind::IoOut(0x3f8), Duration::from_micros(4));
         a.record(ExitKind::Hlt, Duration::from_micros(1));
         let mut b = ExitStats::default();
-        b.record(ExitKind::Emulated("popcnt".into()), Duration::from_micros(10));
+        b.record(
+            ExitKind::Emulated("popcnt".into()),
+            Duration::from_micros(10),
+        );
         b.in_guest = Duration::from_secs(1);
         a.merge(&b);
         assert_eq!(a.total().count, 4);

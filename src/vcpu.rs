@@ -185,7 +185,13 @@ impl Vcpu {
         if let Ok(s) = self.fd.get_sregs() {
             log::debug!(
                 "vCPU {}: cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x}",
-                self.id, s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.cs.selector
+                self.id,
+                s.cr0,
+                s.cr2,
+                s.cr3,
+                s.cr4,
+                s.efer,
+                s.cs.selector
             );
         }
     }
@@ -209,11 +215,7 @@ impl Vcpu {
             let exited = Instant::now();
             self.stats.in_guest += exited - entered;
             let (kind, keep_going) = match result {
-                Ok(exit) => Self::handle_exit(
-                    self.id,
-                    exit,
-                    &self.ctx,
-                ),
+                Ok(exit) => Self::handle_exit(self.id, exit, &self.ctx),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     (ExitKind::Interrupted, Outcome::Continue)
                 }
@@ -262,7 +264,9 @@ impl Vcpu {
         match crate::emulate::handle_emulation_failure(&mut self.fd, &self.ctx.mem) {
             Ok(done) => ExitKind::Emulated(done.to_string()),
             Err(e) => {
-                self.fatal(format!("KVM rejected an instruction and vmlab cannot emulate it: {e}"));
+                self.fatal(format!(
+                    "KVM rejected an instruction and vmlab cannot emulate it: {e}"
+                ));
                 self.ctx.stop.store(true, Ordering::Release);
                 ExitKind::Emulated("failed".into())
             }

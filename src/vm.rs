@@ -303,7 +303,10 @@ impl Vm {
             let bytes: Vec<u8> = table.entries.iter().flat_map(|e| e.to_le_bytes()).collect();
             write_bytes(&mem, table.addr, &bytes, "page tables")?;
         }
-        let gdt_bytes: Vec<u8> = gdt::boot_gdt().iter().flat_map(|e| e.to_le_bytes()).collect();
+        let gdt_bytes: Vec<u8> = gdt::boot_gdt()
+            .iter()
+            .flat_map(|e| e.to_le_bytes())
+            .collect();
         write_bytes(&mem, layout::BOOT_GDT_START, &gdt_bytes, "GDT")?;
         write_bytes(&mem, layout::BOOT_IDT_START, &[0; 8], "IDT")?;
 
@@ -377,11 +380,12 @@ impl Vm {
     /// Runs the guest to its end.
     pub fn run(mut self) -> Result<RunReport> {
         let signals = HostSignals::new()?;
-        register_signal_handler(SIGRTMIN() + KICK_SIGNAL_OFFSET, vcpu::kick_handler)
-            .map_err(|e| Error::Host {
+        register_signal_handler(SIGRTMIN() + KICK_SIGNAL_OFFSET, vcpu::kick_handler).map_err(
+            |e| Error::Host {
                 what: "installing the vCPU kick handler",
                 source: std::io::Error::from_raw_os_error(e.errno()),
-            })?;
+            },
+        )?;
 
         let mut threads = Vec::new();
         for vcpu in std::mem::take(&mut self.vcpus) {
@@ -594,7 +598,7 @@ fn validate(config: &VmConfig) -> Result<()> {
             MAX_MEMORY >> 30
         )));
     }
-    if config.mem_size % 4096 != 0 {
+    if !config.mem_size.is_multiple_of(4096) {
         return Err(Error::Config(
             "--memory must be a whole number of 4 KiB pages".into(),
         ));
@@ -671,7 +675,9 @@ impl HostSignals {
         // SAFETY: `set` is initialized; the old mask is not needed.
         let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
         if rc != 0 {
-            return Err(host_err("blocking signals")(std::io::Error::from_raw_os_error(rc)));
+            return Err(host_err("blocking signals")(
+                std::io::Error::from_raw_os_error(rc),
+            ));
         }
         // SAFETY: -1 asks for a new signalfd for the initialized `set`.
         let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
@@ -693,7 +699,13 @@ impl HostSignals {
         let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
         let size = std::mem::size_of::<libc::signalfd_siginfo>();
         // SAFETY: reads at most `size` bytes into `info`.
-        let n = unsafe { libc::read(self.fd(), (&mut info as *mut libc::signalfd_siginfo).cast(), size) };
+        let n = unsafe {
+            libc::read(
+                self.fd(),
+                (&mut info as *mut libc::signalfd_siginfo).cast(),
+                size,
+            )
+        };
         (n == size as isize).then_some(info.ssi_signo as i32)
     }
 }
@@ -737,7 +749,10 @@ mod tests {
         assert_eq!(Outcome::Reboot.exit_code(), 0);
         assert_eq!(Outcome::Signal(15).exit_code(), 143);
         assert_eq!(Outcome::Panic("x".into()).exit_code(), 125);
-        assert!(Outcome::TripleFault(0).failure_message().unwrap().contains("triple"));
+        assert!(Outcome::TripleFault(0)
+            .failure_message()
+            .unwrap()
+            .contains("triple"));
         assert!(Outcome::CommandExited(1).failure_message().is_none());
     }
 }

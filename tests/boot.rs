@@ -21,17 +21,46 @@ fn vmlinux_two_cpus_release_nproc_reboot_stats() {
     let run = run_with_deadline(cmd, BOOT_LIMIT);
     let lines = run.lines();
     let release = guest_release();
-    assert_eq!(run.code(), Some(0), "reboot from the guest ends vmlab cleanly\n{}", run.dump());
-    assert!(lines.contains(&release), "guest release {release} printed\n{}", run.dump());
+    assert_eq!(
+        run.code(),
+        Some(0),
+        "reboot from the guest ends vmlab cleanly\n{}",
+        run.dump()
+    );
+    assert!(
+        lines.contains(&release),
+        "guest release {release} printed\n{}",
+        run.dump()
+    );
     let host_release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
     if host_release.trim() != release {
-        assert!(!lines.iter().any(|l| l == host_release.trim()), "{}", run.dump());
+        assert!(
+            !lines.iter().any(|l| l == host_release.trim()),
+            "{}",
+            run.dump()
+        );
     }
-    assert!(lines.iter().any(|l| l == "2"), "nproc prints 2\n{}", run.dump());
+    assert!(
+        lines.iter().any(|l| l == "2"),
+        "nproc prints 2\n{}",
+        run.dump()
+    );
     // --stats: a table with serial-port exits and the status port.
-    assert!(run.stderr.contains("vmlab exit statistics"), "{}", run.dump());
-    assert!(run.stderr.contains("io-out port 0x03f8 (COM1)"), "{}", run.dump());
-    assert!(run.stderr.contains("(i8042)"), "the reset went through the i8042\n{}", run.dump());
+    assert!(
+        run.stderr.contains("vmlab exit statistics"),
+        "{}",
+        run.dump()
+    );
+    assert!(
+        run.stderr.contains("io-out port 0x03f8 (COM1)"),
+        "{}",
+        run.dump()
+    );
+    assert!(
+        run.stderr.contains("(i8042)"),
+        "the reset went through the i8042\n{}",
+        run.dump()
+    );
     assert!(run.stderr.contains("time inside KVM_RUN"), "{}", run.dump());
     // --boot-time: both marks present and ordered.
     let line = run
@@ -39,7 +68,10 @@ fn vmlinux_two_cpus_release_nproc_reboot_stats() {
         .lines()
         .find(|l| l.contains("boot time:"))
         .unwrap_or_else(|| panic!("no boot time line\n{}", run.dump()));
-    assert!(line.contains("first KVM_RUN after") && !line.contains("never"), "{line}");
+    assert!(
+        line.contains("first KVM_RUN after") && !line.contains("never"),
+        "{line}"
+    );
 }
 
 /// bzImage + initramfs: the command's exit status becomes vmlab's.
@@ -68,5 +100,10 @@ fn guest_panic_is_reported() {
         .args(["--cmdline", "rdinit=/nonexistent init=/nonexistent"]);
     let run = run_with_deadline(cmd, BOOT_LIMIT);
     assert_eq!(run.code(), Some(125), "{}", run.dump());
-    assert!(run.stderr.contains("the guest kernel panicked: Kernel panic - not syncing"), "{}", run.dump());
+    assert!(
+        run.stderr
+            .contains("the guest kernel panicked: Kernel panic - not syncing"),
+        "{}",
+        run.dump()
+    );
 }

@@ -23,8 +23,16 @@ fn fails_with(args: &[&str], needle: &str) {
     cmd.args(args);
     let run = run_with_deadline(cmd, LIMIT);
     let code = run.code();
-    assert!(code.is_some() && code != Some(0), "must fail\n{}", run.dump());
-    assert!(!run.stderr.contains("panicked"), "vmlab panicked\n{}", run.dump());
+    assert!(
+        code.is_some() && code != Some(0),
+        "must fail\n{}",
+        run.dump()
+    );
+    assert!(
+        !run.stderr.contains("panicked"),
+        "vmlab panicked\n{}",
+        run.dump()
+    );
     assert!(
         run.stderr.to_lowercase().contains(&needle.to_lowercase()),
         "expected '{needle}' in the error\n{}",
@@ -40,7 +48,10 @@ fn s(p: &std::path::Path) -> &str {
 
 #[test]
 fn missing_kernel() {
-    fails_with(&["run", "--kernel", "/nonexistent/vmlinux"], "cannot read kernel /nonexistent/vmlinux");
+    fails_with(
+        &["run", "--kernel", "/nonexistent/vmlinux"],
+        "cannot read kernel /nonexistent/vmlinux",
+    );
 }
 
 #[test]
@@ -87,7 +98,15 @@ fn initrd_that_does_not_fit() {
     f.set_len(200 << 20).unwrap(); // sparse: costs no disk
     let kernel = guest_dir().join("vmlinux");
     fails_with(
-        &["run", "--kernel", s(&kernel), "--initrd", s(&path), "--memory", "128M"],
+        &[
+            "run",
+            "--kernel",
+            s(&kernel),
+            "--initrd",
+            s(&path),
+            "--memory",
+            "128M",
+        ],
         "does not fit in guest memory",
     );
 }
@@ -95,13 +114,25 @@ fn initrd_that_does_not_fit() {
 #[test]
 fn missing_initrd() {
     let kernel = guest_dir().join("vmlinux");
-    fails_with(&["run", "--kernel", s(&kernel), "--initrd", "/nonexistent.cpio"], "cannot read initrd");
+    fails_with(
+        &[
+            "run",
+            "--kernel",
+            s(&kernel),
+            "--initrd",
+            "/nonexistent.cpio",
+        ],
+        "cannot read initrd",
+    );
 }
 
 #[test]
 fn memory_too_small() {
     let kernel = guest_dir().join("vmlinux");
-    fails_with(&["run", "--kernel", s(&kernel), "--memory", "8M"], "too small");
+    fails_with(
+        &["run", "--kernel", s(&kernel), "--memory", "8M"],
+        "too small",
+    );
 }
 
 #[test]
@@ -112,24 +143,36 @@ fn memory_not_a_size() {
 
 #[test]
 fn zero_cpus() {
-    fails_with(&["run", "--kernel", "k", "--cpus", "0"], "at least one vCPU");
+    fails_with(
+        &["run", "--kernel", "k", "--cpus", "0"],
+        "at least one vCPU",
+    );
 }
 
 #[test]
 fn command_line_too_long() {
     let kernel = guest_dir().join("vmlinux");
     let long = "x".repeat(3000);
-    fails_with(&["run", "--kernel", s(&kernel), "--cmdline", &long], "this kernel accepts at most");
+    fails_with(
+        &["run", "--kernel", s(&kernel), "--cmdline", &long],
+        "this kernel accepts at most",
+    );
 }
 
 #[test]
 fn command_too_long_for_the_command_line() {
     let kernel = guest_dir().join("vmlinux");
     let arg = "y".repeat(1500);
-    fails_with(&["run", "--kernel", s(&kernel), "--", "echo", &arg], "this kernel accepts at most");
+    fails_with(
+        &["run", "--kernel", s(&kernel), "--", "echo", &arg],
+        "this kernel accepts at most",
+    );
 }
 
 #[test]
 fn unknown_flag() {
-    fails_with(&["run", "--kernel", "k", "--frobnicate"], "unexpected argument");
+    fails_with(
+        &["run", "--kernel", "k", "--frobnicate"],
+        "unexpected argument",
+    );
 }

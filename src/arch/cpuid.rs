@@ -9,9 +9,12 @@ const LEAF_CACHE_PARAMS: u32 = 0x4;
 const LEAF_PERFMON: u32 = 0xa;
 const LEAF_EXT_TOPOLOGY: u32 = 0xb;
 const LEAF_V2_EXT_TOPOLOGY: u32 = 0x1f;
+const LEAF_EXT_POWER_MGMT: u32 = 0x8000_0007;
 
 const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HTT: u32 = 1 << 28;
+/// CPUID.80000007H:EDX[8], invariant TSC.
+const EDX_INVARIANT_TSC: u32 = 1 << 8;
 
 /// x2APIC topology level types (CPUID.0BH:ECX[15:8]).
 const LEVEL_TYPE_INVALID: u32 = 0;
@@ -82,6 +85,14 @@ pub fn adjust_for_vcpu(entries: &mut [kvm_cpuid_entry2], cpu_id: u8, cpu_count: 
                     }
                 }
             }
+            LEAF_EXT_POWER_MGMT => {
+                // Without "invariant TSC" Linux keeps kvm-clock as its
+                // clocksource, which KVM keeps correct across vCPUs, host
+                // frequency changes and migration (QEMU also hides it by
+                // default). With it, Linux switches to the raw TSC, which on
+                // a nested KVM drifts from kvm-clock and stalls timers.
+                entry.edx &= !EDX_INVARIANT_TSC;
+            }
             _ => {}
         }
     }
@@ -149,6 +160,14 @@ mod tests {
         assert_eq!(e[1].edx & EDX_HTT, 0);
         assert_eq!(e[2].eax >> 26, 0);
         assert_eq!(e[3].eax, 0, "perfmon leaf cleared");
+    }
+
+    #[test]
+    fn invariant_tsc_is_hidden() {
+        let mut e = vec![entry(LEAF_EXT_POWER_MGMT, 0)];
+        e[0].edx = EDX_INVARIANT_TSC | 1;
+        adjust_for_vcpu(&mut e, 0, 1);
+        assert_eq!(e[0].edx, 1);
     }
 
     #[test]

@@ -147,7 +147,14 @@ mod tests {
     fn e820_covers_ram_and_reserves_the_mptable() {
         let map = e820_map(256 << 20);
         assert_eq!(map.len(), 3);
-        assert_eq!(map[0], E820Entry { addr: 0, size: 0x9fc00, kind: E820_RAM });
+        assert_eq!(
+            map[0],
+            E820Entry {
+                addr: 0,
+                size: 0x9fc00,
+                kind: E820_RAM
+            }
+        );
         assert_eq!(map[1].kind, E820_RESERVED);
         assert!(map[1].addr <= MPTABLE_START && MPTABLE_START < map[1].addr + map[1].size);
         assert_eq!(map[2].addr, HIMEM_START);
@@ -160,7 +167,9 @@ mod tests {
         let last = map.last().copied().unwrap();
         assert_eq!(last.addr, MMIO_GAP_END);
         assert_eq!(last.size, (6 << 30) - MMIO_GAP_START);
-        assert!(map.iter().all(|e| e.addr + e.size <= MMIO_GAP_START || e.addr >= MMIO_GAP_END));
+        assert!(map
+            .iter()
+            .all(|e| e.addr + e.size <= MMIO_GAP_START || e.addr >= MMIO_GAP_END));
     }
 
     #[test]
@@ -180,6 +189,10 @@ mod tests {
         for pair in areas.windows(2) {
             assert!(pair[0].0 + pair[0].1 <= pair[1].0, "{pair:x?}");
         }
-        assert!(BOOT_STACK_POINTER < PML4_START && BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000);
+        const {
+            assert!(
+                BOOT_STACK_POINTER < PML4_START && BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000
+            )
+        };
     }
 }

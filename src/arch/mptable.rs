@@ -47,7 +47,10 @@ pub enum Error {
 }
 
 fn checksum(bytes: &[u8]) -> u8 {
-    bytes.iter().fold(0u8, |acc, b| acc.wrapping_add(*b)).wrapping_neg()
+    bytes
+        .iter()
+        .fold(0u8, |acc, b| acc.wrapping_add(*b))
+        .wrapping_neg()
 }
 
 /// Builds the floating pointer followed by the configuration table, to be

@@ -124,7 +124,7 @@ mod tests {
         let mut b = [0u8; 1];
         assert!(bus.read(0x3fd, &mut b));
         assert_eq!(b[0], 5);
-        assert!(bus.write(0x3f8, &[b'x']));
+        assert!(bus.write(0x3f8, b"x"));
         assert_eq!(dev.lock().unwrap().writes, vec![(0, vec![b'x'])]);
         assert!(!bus.read(0x400, &mut b));
         assert!(!bus.read(0x3f7, &mut b));
@@ -133,7 +133,8 @@ mod tests {
     #[test]
     fn access_straddling_the_end_is_unclaimed() {
         let mut bus = Bus::new();
-        bus.insert(0x1000, 4, Arc::new(Mutex::new(Recorder::default()))).unwrap();
+        bus.insert(0x1000, 4, Arc::new(Mutex::new(Recorder::default())))
+            .unwrap();
         let mut four = [0u8; 4];
         assert!(bus.read(0x1000, &mut four));
         assert!(!bus.read(0x1002, &mut four));

@@ -78,9 +78,10 @@ impl ConsoleTail {
 
 /// Finds "Kernel panic - not syncing: ..." in console text.
 pub fn find_panic(text: &str) -> Option<String> {
-    text.lines()
-        .rev()
-        .find_map(|l| l.find("Kernel panic - not syncing").map(|i| l[i..].trim_end().to_string()))
+    text.lines().rev().find_map(|l| {
+        l.find("Kernel panic - not syncing")
+            .map(|i| l[i..].trim_end().to_string())
+    })
 }
 
 /// Where console output goes: a host writer (stdout), flushed per byte when
