@@ -619,6 +619,24 @@ fn create_memory(mem_size: u64) -> Result<GuestMemoryMmap> {
 
 fn register_memory(vm_fd: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
     for (slot, region) in mem.iter().enumerate() {
+        // Transparent huge pages for guest RAM, as QEMU asks for: loading
+        // the kernel and running the guest take far fewer host page faults.
+        // Only a hint: without THP the memory works the same.
+        // SAFETY: the range is exactly this region's live mapping; MADV_HUGEPAGE
+        // changes no contents.
+        let rc = unsafe {
+            libc::madvise(
+                region.as_ptr().cast(),
+                region.len() as usize,
+                libc::MADV_HUGEPAGE,
+            )
+        };
+        if rc != 0 {
+            log::debug!(
+                "madvise(MADV_HUGEPAGE) on guest memory: {}",
+                std::io::Error::last_os_error()
+            );
+        }
         let region_desc = kvm_userspace_memory_region {
             slot: slot as u32,
             flags: 0,
