@@ -112,4 +112,4 @@ pub fn run_with_deadline(mut cmd: Command, limit: Duration) -> Run {
 
 /// How long a guest boot may take before a test gives up: generous, since
 /// a nested-KVM host boots in ~40 s and CI may run two guests at once.
-pub const BOOT_LIMIT: Duration = Duration::from_secs(300);
+pub const BOOT_LIMIT: Duration = Duration::from_secs(900);

@@ -1,0 +1,412 @@
+//! Parsing of the `vmlab.*` kernel command line parameters.
+//!
+//! The VMM passes everything init needs on the kernel command line, because
+//! that is the one channel that exists before any device is set up. Values
+//! that may contain arbitrary bytes (argv, environment, paths, user names) are
+//! hex encoded so that spaces, quotes and non-UTF-8 bytes survive the kernel's
+//! own command line splitting unchanged.
+//!
+//! Everything here is pure (no system calls) so it is unit tested on the host.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::os::unix::ffi::OsStringExt;
+use std::path::PathBuf;
+
+use crate::user::{self, UserSpec};
+
+/// What the VMM asked for, after decoding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// argv of the command; `None` runs an interactive shell.
+    pub cmd: Option<Vec<OsString>>,
+    /// Whether the host side of the console is a terminal. Defaults to true,
+    /// which means "leave the kernel's cooked tty mode alone" (no system call).
+    pub tty: bool,
+    /// Extra environment (KEY, VALUE), in the order given.
+    pub env: Vec<(OsString, OsString)>,
+    /// Working directory of the command.
+    pub workdir: Option<PathBuf>,
+    /// User (and group) to run the command as.
+    pub user: Option<UserSpec>,
+    /// Lower the kernel console log level so late kernel messages do not
+    /// interleave with the command's output.
+    pub quiet: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            cmd: None,
+            tty: true,
+            env: Vec::new(),
+            workdir: None,
+            user: None,
+            quiet: false,
+        }
+    }
+}
+
+/// Why a hex string could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HexError {
+    /// Hex needs two digits per byte.
+    OddLength(usize),
+    /// A character that is not a hex digit, and its byte offset.
+    BadDigit { offset: usize, byte: u8 },
+}
+
+impl fmt::Display for HexError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HexError::OddLength(n) => write!(f, "odd number of hex digits ({n})"),
+            HexError::BadDigit { offset, byte } => {
+                write!(
+                    f,
+                    "invalid hex digit {:?} at offset {offset}",
+                    *byte as char
+                )
+            }
+        }
+    }
+}
+
+/// A `vmlab.*` parameter that could not be used. Reported as exit status 127.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CmdlineError {
+    /// The value of `param` is not valid hex.
+    Hex { param: String, err: HexError },
+    /// `vmlab.cmd` decoded to nothing, or its program name is empty.
+    EmptyCommand,
+    /// A value that is not one of the allowed ones (e.g. `vmlab.tty=2`).
+    BadValue { param: String, value: String },
+    /// A `vmlab.env` entry without `=` or with an empty key.
+    BadEnv(String),
+    /// `vmlab.user` is not `uid[:gid]` / `name[:group]`.
+    BadUser(String),
+}
+
+impl fmt::Display for CmdlineError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CmdlineError::Hex { param, err } => write!(f, "malformed {param}: {err}"),
+            CmdlineError::EmptyCommand => write!(f, "malformed vmlab.cmd: empty command"),
+            CmdlineError::BadValue { param, value } => {
+                write!(f, "malformed {param}: unexpected value {value:?}")
+            }
+            CmdlineError::BadEnv(entry) => {
+                write!(f, "malformed vmlab.env: entry {entry:?} is not KEY=VALUE")
+            }
+            CmdlineError::BadUser(why) => write!(f, "malformed vmlab.user: {why}"),
+        }
+    }
+}
+
+/// Decodes a hex string (either case) into bytes.
+pub fn decode_hex(s: &[u8]) -> Result<Vec<u8>, HexError> {
+    if !s.len().is_multiple_of(2) {
+        return Err(HexError::OddLength(s.len()));
+    }
+    let digit = |offset: usize| -> Result<u8, HexError> {
+        let byte = s[offset];
+        match byte {
+            b'0'..=b'9' => Ok(byte - b'0'),
+            b'a'..=b'f' => Ok(byte - b'a' + 10),
+            b'A'..=b'F' => Ok(byte - b'A' + 10),
+            _ => Err(HexError::BadDigit { offset, byte }),
+        }
+    };
+    (0..s.len() / 2)
+        .map(|i| Ok(digit(2 * i)? << 4 | digit(2 * i + 1)?))
+        .collect()
+}
+
+/// Encodes bytes as lowercase hex; the inverse of [`decode_hex`]. Used by
+/// the tests (and handy for whoever writes the VMM side).
+#[cfg(test)]
+pub fn encode_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Splits a kernel command line into parameters the way the kernel's
+/// `next_arg()` does: whitespace separates parameters except inside double
+/// quotes, and the quotes themselves are dropped.
+fn split_params(cmdline: &[u8]) -> Vec<Vec<u8>> {
+    let mut params = Vec::new();
+    let mut cur = Vec::new();
+    let mut in_quote = false;
+    let mut in_param = false;
+    for &b in cmdline {
+        match b {
+            b'"' => {
+                in_quote = !in_quote;
+                in_param = true;
+            }
+            b' ' | b'\t' | b'\n' | b'\r' | b'\0' if !in_quote => {
+                if in_param {
+                    params.push(std::mem::take(&mut cur));
+                    in_param = false;
+                }
+            }
+            _ => {
+                cur.push(b);
+                in_param = true;
+            }
+        }
+    }
+    if in_param {
+        params.push(cur);
+    }
+    params
+}
+
+fn hex_param(param: &str, value: &[u8]) -> Result<Vec<u8>, CmdlineError> {
+    decode_hex(value).map_err(|err| CmdlineError::Hex {
+        param: param.to_string(),
+        err,
+    })
+}
+
+/// Boolean parameters: `1`/`0`, a bare `vmlab.quiet` counts as 1.
+fn bool_param(param: &str, value: Option<&[u8]>) -> Result<bool, CmdlineError> {
+    match value {
+        None | Some(b"1") => Ok(true),
+        Some(b"0") => Ok(false),
+        Some(v) => Err(CmdlineError::BadValue {
+            param: param.to_string(),
+            value: String::from_utf8_lossy(v).into_owned(),
+        }),
+    }
+}
+
+/// Splits `argv` bytes joined by NUL. The join is exact, so `"a\0"` is the
+/// two arguments `a` and the empty string.
+fn split_argv(bytes: &[u8]) -> Result<Vec<OsString>, CmdlineError> {
+    if bytes.is_empty() {
+        return Err(CmdlineError::EmptyCommand);
+    }
+    let argv: Vec<OsString> = bytes
+        .split(|&b| b == 0)
+        .map(|a| OsString::from_vec(a.to_vec()))
+        .collect();
+    match argv.first() {
+        Some(prog) if !prog.is_empty() => Ok(argv),
+        _ => Err(CmdlineError::EmptyCommand),
+    }
+}
+
+/// Splits NUL-separated `KEY=VALUE` pairs. Empty entries (e.g. from a
+/// trailing NUL) are skipped; an entry without `=` or with an empty key is an
+/// error rather than being silently dropped.
+fn split_env(bytes: &[u8]) -> Result<Vec<(OsString, OsString)>, CmdlineError> {
+    bytes
+        .split(|&b| b == 0)
+        .filter(|e| !e.is_empty())
+        .map(|entry| match entry.iter().position(|&b| b == b'=') {
+            Some(eq) if eq > 0 => Ok((
+                OsString::from_vec(entry[..eq].to_vec()),
+                OsString::from_vec(entry[eq + 1..].to_vec()),
+            )),
+            _ => Err(CmdlineError::BadEnv(
+                String::from_utf8_lossy(entry).into_owned(),
+            )),
+        })
+        .collect()
+}
+
+/// Parses the full contents of `/proc/cmdline`. Unknown parameters (the
+/// kernel's own, other modules') are ignored; when a `vmlab.*` parameter is
+/// given twice the last one wins, as for kernel parameters.
+pub fn parse(cmdline: &[u8]) -> Result<Config, CmdlineError> {
+    let mut cfg = Config::default();
+    for param in split_params(cmdline) {
+        let (key, value) = match param.iter().position(|&b| b == b'=') {
+            Some(eq) => (&param[..eq], Some(&param[eq + 1..])),
+            None => (&param[..], None),
+        };
+        let Some(name) = key.strip_prefix(b"vmlab.") else {
+            continue;
+        };
+        let pname = String::from_utf8_lossy(key).into_owned();
+        let v = value.unwrap_or(b"");
+        match name {
+            b"cmd" => cfg.cmd = Some(split_argv(&hex_param(&pname, v)?)?),
+            b"tty" => cfg.tty = bool_param(&pname, value)?,
+            b"quiet" => cfg.quiet = bool_param(&pname, value)?,
+            b"env" => cfg.env = split_env(&hex_param(&pname, v)?)?,
+            b"workdir" => {
+                let dir = hex_param(&pname, v)?;
+                if dir.is_empty() || dir.contains(&0) {
+                    return Err(CmdlineError::BadValue {
+                        param: pname,
+                        value: String::from_utf8_lossy(&dir).into_owned(),
+                    });
+                }
+                cfg.workdir = Some(PathBuf::from(OsString::from_vec(dir)));
+            }
+            b"user" => {
+                let spec = hex_param(&pname, v)?;
+                let spec = std::str::from_utf8(&spec)
+                    .map_err(|_| CmdlineError::BadUser("not UTF-8".to_string()))?;
+                cfg.user = Some(user::parse_spec(spec).map_err(CmdlineError::BadUser)?);
+            }
+            _ => {} // a future parameter: ignore, like the kernel does
+        }
+    }
+    Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::user::Id;
+
+    fn os(v: &[&str]) -> Vec<OsString> {
+        v.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn hex_roundtrip_and_case() {
+        assert_eq!(decode_hex(b"").unwrap(), b"");
+        assert_eq!(decode_hex(b"00ff7f80").unwrap(), vec![0, 255, 127, 128]);
+        assert_eq!(decode_hex(b"ABcd").unwrap(), vec![0xab, 0xcd]);
+        let all: Vec<u8> = (0..=255).collect();
+        assert_eq!(decode_hex(encode_hex(&all).as_bytes()).unwrap(), all);
+    }
+
+    #[test]
+    fn hex_errors() {
+        assert_eq!(decode_hex(b"abc"), Err(HexError::OddLength(3)));
+        assert_eq!(
+            decode_hex(b"0g"),
+            Err(HexError::BadDigit {
+                offset: 1,
+                byte: b'g'
+            })
+        );
+        assert_eq!(
+            decode_hex(b"x0"),
+            Err(HexError::BadDigit {
+                offset: 0,
+                byte: b'x'
+            })
+        );
+    }
+
+    #[test]
+    fn defaults_without_vmlab_params() {
+        let cfg = parse(b"console=ttyS0 reboot=k panic=-1 quiet\n").unwrap();
+        assert_eq!(cfg, Config::default());
+        assert!(cfg.tty);
+        assert!(cfg.cmd.is_none());
+    }
+
+    #[test]
+    fn full_command_line() {
+        let cmd = encode_hex(b"sh\0-c\0exit 3");
+        let env = encode_hex(b"A=1\0B=x=y\0EMPTY=\0");
+        let wd = encode_hex(b"/srv/my app");
+        let user = encode_hex(b"1000:100");
+        let line = format!(
+            "console=ttyS0 reboot=k vmlab.tty=0 vmlab.quiet=1 vmlab.cmd={cmd} \
+             vmlab.env={env} vmlab.workdir={wd} vmlab.user={user} foo.bar=1\n"
+        );
+        let cfg = parse(line.as_bytes()).unwrap();
+        assert_eq!(cfg.cmd, Some(os(&["sh", "-c", "exit 3"])));
+        assert!(!cfg.tty);
+        assert!(cfg.quiet);
+        assert_eq!(
+            cfg.env,
+            vec![
+                ("A".into(), "1".into()),
+                ("B".into(), "x=y".into()),
+                ("EMPTY".into(), "".into())
+            ]
+        );
+        assert_eq!(cfg.workdir, Some(PathBuf::from("/srv/my app")));
+        assert_eq!(
+            cfg.user,
+            Some(UserSpec {
+                user: Id::Num(1000),
+                group: Some(Id::Num(100))
+            })
+        );
+    }
+
+    #[test]
+    fn argv_keeps_empty_and_non_utf8_arguments() {
+        let line = format!("vmlab.cmd={}", encode_hex(b"printf\0%s|\0\0\xff"));
+        let cfg = parse(line.as_bytes()).unwrap();
+        let argv = cfg.cmd.unwrap();
+        assert_eq!(argv.len(), 4);
+        assert_eq!(argv[2], OsString::new());
+        assert_eq!(argv[3], OsString::from_vec(vec![0xff]));
+    }
+
+    #[test]
+    fn quoting_and_last_one_wins() {
+        let a = encode_hex(b"true");
+        let b = encode_hex(b"false");
+        let line = format!("vmlab.cmd={a} \"vmlab.tty=0\" vmlab.cmd=\"{b}\"");
+        let cfg = parse(line.as_bytes()).unwrap();
+        assert_eq!(cfg.cmd, Some(os(&["false"])));
+        assert!(!cfg.tty);
+        assert_eq!(
+            split_params(b"a=\"x y\"  b\t\"c d\"=1"),
+            vec![b"a=x y".to_vec(), b"b".to_vec(), b"c d=1".to_vec()]
+        );
+    }
+
+    #[test]
+    fn malformed_values_are_errors() {
+        assert!(matches!(
+            parse(b"vmlab.cmd=73680"),
+            Err(CmdlineError::Hex { ref param, err: HexError::OddLength(5) }) if param == "vmlab.cmd"
+        ));
+        assert!(matches!(
+            parse(b"vmlab.env=zz"),
+            Err(CmdlineError::Hex { .. })
+        ));
+        assert_eq!(parse(b"vmlab.cmd="), Err(CmdlineError::EmptyCommand));
+        assert_eq!(parse(b"vmlab.cmd"), Err(CmdlineError::EmptyCommand));
+        // Empty program name.
+        assert_eq!(parse(b"vmlab.cmd=0061"), Err(CmdlineError::EmptyCommand));
+        assert!(matches!(
+            parse(b"vmlab.tty=2"),
+            Err(CmdlineError::BadValue { .. })
+        ));
+        let bad_env = format!("vmlab.env={}", encode_hex(b"A=1\0NOEQUALS"));
+        assert_eq!(
+            parse(bad_env.as_bytes()),
+            Err(CmdlineError::BadEnv("NOEQUALS".into()))
+        );
+        let bad_env = format!("vmlab.env={}", encode_hex(b"=x"));
+        assert!(matches!(
+            parse(bad_env.as_bytes()),
+            Err(CmdlineError::BadEnv(_))
+        ));
+        let bad_user = format!("vmlab.user={}", encode_hex(b"1000:"));
+        assert!(matches!(
+            parse(bad_user.as_bytes()),
+            Err(CmdlineError::BadUser(_))
+        ));
+        assert!(matches!(
+            parse(b"vmlab.workdir="),
+            Err(CmdlineError::BadValue { .. })
+        ));
+        // The message names the parameter and the problem.
+        let msg = parse(b"vmlab.cmd=zz").unwrap_err().to_string();
+        assert_eq!(
+            msg,
+            "malformed vmlab.cmd: invalid hex digit 'z' at offset 0"
+        );
+    }
+
+    #[test]
+    fn bare_booleans_and_unknown_vmlab_params() {
+        let cfg = parse(b"vmlab.quiet vmlab.tty vmlab.future=xyz").unwrap();
+        assert!(cfg.quiet);
+        assert!(cfg.tty);
+        assert!(!parse(b"vmlab.quiet=0").unwrap().quiet);
+    }
+}
