@@ -9,5 +9,6 @@ pub mod bus;
 pub mod i8042;
 pub mod serial;
 pub mod status;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice};
