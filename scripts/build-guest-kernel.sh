@@ -127,8 +127,9 @@ fi
 
 # -------------------------------------------------------------- build tree
 BUILD="$KCACHE/build/$KEY"
-rm -rf "$BUILD"
-mkdir -p "$(dirname "$BUILD")"
+# Trees of earlier (failed or kept) builds are stale now: ~1.5 GB each.
+rm -rf "$KCACHE/build" "$KCACHE"/.tmp-*
+mkdir -p "$KCACHE/build"
 log "copying source tree -> $BUILD"
 cp -a "$PRISTINE" "$BUILD"
 rm -f "$BUILD/.vmlab-pristine"

@@ -6,3 +6,4 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$repo/scripts/build-guest-kernel.sh"
 "$repo/scripts/build-initramfs.sh"
+"$repo/scripts/build-rootfs.sh"

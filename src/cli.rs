@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::devices::virtio::BlockConfig;
 use crate::host::QuirksMode;
 
 /// vmlab: a micro-VM monitor on Linux KVM.
@@ -47,6 +48,11 @@ pub struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = parse_cpus)]
     pub cpus: u8,
+    /// A virtio-blk disk backed by a raw image: `path=FILE[,readonly=on][,id=NAME]`.
+    /// Repeatable; the first is /dev/vda, and without --initrd it is the
+    /// root filesystem.
+    #[arg(long, value_name = "SPEC", value_parser = parse_disk)]
+    pub disk: Vec<BlockConfig>,
     /// Print the time from vmlab's start to the first KVM_RUN and to the
     /// guest init being up (stderr).
     #[arg(long)]
@@ -89,6 +95,43 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("'{s}' is too large"))
 }
 
+/// Parses `path=FILE[,readonly=on|off][,id=NAME]` (a bare FILE is a path).
+pub fn parse_disk(s: &str) -> Result<BlockConfig, String> {
+    let mut path = None;
+    let mut readonly = false;
+    let mut id = None;
+    for (i, part) in s.split(',').enumerate() {
+        let (key, value) = match part.split_once('=') {
+            Some(kv) => kv,
+            None if i == 0 => ("path", part),
+            None => return Err(format!("'{part}' in --disk {s}: expected key=value")),
+        };
+        match key {
+            "path" if !value.is_empty() => path = Some(PathBuf::from(value)),
+            "readonly" | "ro" => {
+                readonly = match value {
+                    "on" | "true" | "yes" | "1" => true,
+                    "off" | "false" | "no" | "0" => false,
+                    _ => return Err(format!("readonly={value}: use on or off")),
+                }
+            }
+            "id" | "serial" => {
+                if value.len() > 20 {
+                    return Err(format!("id={value}: at most 20 bytes"));
+                }
+                id = Some(value.to_string());
+            }
+            _ => {
+                return Err(format!(
+                    "unknown --disk option '{key}' (path, readonly, id)"
+                ))
+            }
+        }
+    }
+    let path = path.ok_or_else(|| format!("--disk {s}: path=FILE is required"))?;
+    Ok(BlockConfig { path, readonly, id })
+}
+
 fn parse_cpus(s: &str) -> Result<u8, String> {
     let n: u32 = s
         .trim()
@@ -124,6 +167,24 @@ mod tests {
         assert!(parse_size("0").is_err());
         assert!(parse_size("99999999999999999999G").is_err());
         assert!(parse_size("18446744073709551615T").is_err());
+    }
+
+    #[test]
+    fn disks() {
+        let d = parse_disk("path=/img,readonly=on,id=data").unwrap();
+        assert_eq!(d.path, PathBuf::from("/img"));
+        assert!(d.readonly);
+        assert_eq!(d.id.as_deref(), Some("data"));
+        let d = parse_disk("/img").unwrap();
+        assert!(!d.readonly && d.id.is_none());
+        assert!(parse_disk("readonly=on").unwrap_err().contains("path=FILE"));
+        assert!(parse_disk("path=/a,readonly=maybe").is_err());
+        assert!(parse_disk("path=/a,color=red")
+            .unwrap_err()
+            .contains("unknown"));
+        assert!(parse_disk("path=/a,id=123456789012345678901").is_err());
+        assert!(parse_disk("path=/a,junk").is_err());
+        assert!(parse_disk("path=").is_err());
     }
 
     #[test]

@@ -71,6 +71,7 @@ fn run(args: RunArgs, started: Instant) -> Result<u8, vmlab::vm::Error> {
         },
         host,
         forward_stdin: true,
+        disks: args.disk,
     };
     let vm = Vm::build(&config, Box::new(std::io::stdout()))?;
     log::debug!("guest command line: {}", vm.cmdline());

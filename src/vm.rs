@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Cap, Kvm, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -34,6 +34,9 @@ use crate::devices::serial::{
     ConsoleOutput, ConsoleTail, SerialDevice, COM1_BASE, COM1_IRQ, COM1_LEN,
 };
 use crate::devices::status::{StatusDevice, STATUS_PORT_BASE, STATUS_PORT_LEN};
+use crate::devices::virtio::{
+    self, BlockConfig, BlockHandle, EventLoop, EventLoopThread, QUEUE_NOTIFY_OFFSET,
+};
 use crate::devices::{bus, Bus};
 use crate::host::HostKind;
 use crate::stats::ExitStats;
@@ -64,6 +67,8 @@ pub struct VmConfig {
     pub host: HostKind,
     /// Forward vmlab's stdin to the guest console.
     pub forward_stdin: bool,
+    /// virtio-blk disks, in order: the first is /dev/vda.
+    pub disks: Vec<BlockConfig>,
 }
 
 /// Errors building or running the VM.
@@ -114,6 +119,12 @@ pub enum Error {
     /// Device bus.
     #[error("device setup: {0}")]
     Bus(#[from] bus::Error),
+    /// A virtio device could not be created.
+    #[error(transparent)]
+    Virtio(#[from] virtio::Error),
+    /// The virtio event loop failed.
+    #[error(transparent)]
+    EventLoop(#[from] virtio::event_loop::Error),
     /// A host resource (eventfd, epoll, thread, signal) failed.
     #[error("{what}: {source}")]
     Host {
@@ -209,6 +220,8 @@ pub struct Vm {
     events: Receiver<VmEvent>,
     forward_stdin: bool,
     cmdline: String,
+    event_loop: Option<EventLoop>,
+    disks: Vec<BlockHandle>,
 }
 
 impl Vm {
@@ -266,6 +279,57 @@ impl Vm {
         let mem = create_memory(config.mem_size)?;
         register_memory(&vm_fd, &mem)?;
 
+        // virtio devices: each gets a 4 KiB MMIO window, an IOAPIC pin and
+        // a `virtio_mmio.device=` entry on the command line. Their queues
+        // are served on the virtio event-loop thread; a vCPU's write to
+        // QueueNotify never leaves KVM (ioeventfd).
+        let event_loop = EventLoop::new()?;
+        let mut mmio = Bus::new();
+        let mut device_cmdline = Vec::new();
+        let mut disks = Vec::new();
+        for (i, disk) in config.disks.iter().enumerate() {
+            let base = layout::VIRTIO_MMIO_START + i as u64 * layout::VIRTIO_MMIO_SIZE;
+            let gsi = layout::IRQ_BASE + i as u32;
+            if gsi > layout::IRQ_MAX {
+                return Err(Error::Config(format!(
+                    "too many devices: vmlab has {} interrupt lines for virtio devices",
+                    layout::IRQ_MAX - layout::IRQ_BASE + 1
+                )));
+            }
+            let irq = EventFd::new(EFD_NONBLOCK).map_err(host_err("eventfd"))?;
+            let setup = virtio::create_block_device(disk, mem.clone(), &event_loop.handle(), irq)?;
+            vm_fd
+                .register_irqfd(&setup.device.irq_fd, gsi)
+                .map_err(kvm_err("KVM_IRQFD for a virtio device"))?;
+            for (fd, queue) in &setup.device.notify_fds {
+                vm_fd
+                    .register_ioevent(
+                        fd,
+                        &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET),
+                        *queue,
+                    )
+                    .map_err(kvm_err("KVM_IOEVENTFD for a virtio queue"))?;
+            }
+            mmio.insert(
+                base,
+                layout::VIRTIO_MMIO_SIZE,
+                setup.device.transport.clone(),
+            )?;
+            device_cmdline.push(virtio::kernel_cmdline_device(
+                base,
+                layout::VIRTIO_MMIO_SIZE,
+                gsi,
+            ));
+            disks.push(setup.disk);
+        }
+        // Without an initramfs the first disk is the root filesystem.
+        if config.initrd.is_none() {
+            if let Some(first) = config.disks.first() {
+                device_cmdline.push("root=/dev/vda".into());
+                device_cmdline.push(if first.readonly { "ro" } else { "rw" }.into());
+            }
+        }
+
         // Kernel, initrd, command line and the structures that describe
         // the machine to the kernel.
         let kernel = boot::load_kernel(&mem, &config.kernel)?;
@@ -281,7 +345,7 @@ impl Vm {
         };
         let cmdline = cmdline::assemble(
             config.host.cmdline_quirks(),
-            &[],
+            &device_cmdline,
             &config.init,
             config.cmdline.as_deref(),
         );
@@ -341,7 +405,7 @@ impl Vm {
         // vCPUs.
         let ctx = VcpuContext {
             pio: Arc::new(pio),
-            mmio: Arc::new(Bus::new()),
+            mmio: Arc::new(mmio),
             control,
             mem,
             emulation_fallback: config.host.emulation_fallback(),
@@ -369,6 +433,8 @@ impl Vm {
             events,
             forward_stdin: config.forward_stdin,
             cmdline,
+            event_loop: Some(event_loop),
+            disks,
         })
     }
 
@@ -387,6 +453,10 @@ impl Vm {
             },
         )?;
 
+        let virtio_thread = match self.event_loop.take() {
+            Some(event_loop) => Some(event_loop.start()?),
+            None => None,
+        };
         let mut threads = Vec::new();
         for vcpu in std::mem::take(&mut self.vcpus) {
             let name = format!("vcpu{}", threads.len());
@@ -400,6 +470,7 @@ impl Vm {
         let loop_result = self.control_loop(&signals);
         let ended = Instant::now();
         let stats = self.stop_vcpus(threads);
+        self.stop_devices(virtio_thread);
         self.serial
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -539,6 +610,22 @@ impl Vm {
             VmEvent::TripleFault { vcpu } => Outcome::TripleFault(vcpu),
             VmEvent::Fatal { vcpu, message } => Outcome::Fatal(format!("vCPU {vcpu}: {message}")),
             VmEvent::InitUp(_) => Outcome::Fatal("internal: InitUp is not an outcome".into()),
+        }
+    }
+
+    /// Stops the device thread once no vCPU can queue more work, then makes
+    /// everything the guest wrote durable: on a guest power-off and on a
+    /// host signal alike, the disk images hold all the guest's writes.
+    fn stop_devices(&self, virtio_thread: Option<EventLoopThread>) {
+        if let Some(thread) = virtio_thread {
+            if !thread.stop() {
+                log::error!("the virtio device thread panicked");
+            }
+        }
+        for disk in &self.disks {
+            if let Err(e) = disk.flush() {
+                log::error!("cannot flush disk {}: {e}", disk.path().display());
+            }
         }
     }
 
@@ -742,6 +829,7 @@ mod tests {
             init: InitParams::default(),
             host: HostKind::Hardware,
             forward_stdin: false,
+            disks: Vec::new(),
         }
     }
 

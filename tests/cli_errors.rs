@@ -176,3 +176,28 @@ fn unknown_flag() {
         "unexpected argument",
     );
 }
+
+#[test]
+fn disk_errors() {
+    let kernel = guest_dir().join("vmlinux");
+    let k = s(&kernel);
+    fails_with(
+        &["run", "--kernel", k, "--disk", "path=/nonexistent.img"],
+        "no such file",
+    );
+    fails_with(&["run", "--kernel", k, "--disk", "path=/tmp"], "directory");
+    let odd = scratch("odd.img");
+    std::fs::write(&odd, vec![0u8; 1000]).unwrap();
+    fails_with(
+        &["run", "--kernel", k, "--disk", &format!("path={}", s(&odd))],
+        "512",
+    );
+    fails_with(
+        &["run", "--kernel", k, "--disk", "path=/x,readonly=perhaps"],
+        "readonly=perhaps",
+    );
+    fails_with(
+        &["run", "--kernel", k, "--disk", "color=red"],
+        "unknown --disk option",
+    );
+}

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Builds target/guest/rootfs.ext4: the same tree as the initramfs (vmlab's
+# init at /init and /sbin/init, busybox) as an ext4 image made with
+# `mkfs.ext4 -d`, so no loop mount or privileges beyond file ownership are
+# needed. Boot it with: vmlab run --kernel target/guest/vmlinux --disk path=target/guest/rootfs.ext4
+# Idempotent: rebuilt only when the tree changed.
+set -euo pipefail
+log() { echo "build-rootfs: $*"; }
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+out="$repo/target/guest/rootfs.ext4"
+size_mib="${VMLAB_ROOTFS_MIB:-64}"
+
+if ! command -v mkfs.ext4 >/dev/null 2>&1; then
+  log "installing e2fsprogs"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends e2fsprogs
+fi
+
+tree="$repo/target/guest/rootfs-tree"
+"$repo/scripts/build-initramfs.sh" --tree "$tree" >/dev/null
+stamp="$(cd "$tree" && find . -printf '%p %s %m %U %G %T@\n' | LC_ALL=C sort | sha256sum | cut -c1-16)-$size_mib"
+if [ -f "$out" ] && [ "$(cat "$out.stamp" 2>/dev/null)" = "$stamp" ]; then
+  log "$out is up to date"
+  exit 0
+fi
+tmp="$out.tmp"
+rm -f "$tmp"
+truncate -s "${size_mib}M" "$tmp"
+# No lazy initialization: the guest kernel would otherwise spend its first
+# seconds zeroing inode tables and the journal in the background.
+mkfs.ext4 -q -F -L vmlab-root -d "$tree" \
+  -E lazy_itable_init=0,lazy_journal_init=0 "$tmp"
+mv "$tmp" "$out"
+echo "$stamp" > "$out.stamp"
+log "$out: $(du -h --apparent-size "$out" | cut -f1) image, $(du -sh "$tree" | cut -f1) of files"
