@@ -3,7 +3,9 @@
 # init at /init and /sbin/init, busybox) as an ext4 image made with
 # `mkfs.ext4 -d`, so no loop mount or privileges beyond file ownership are
 # needed. Boot it with: vmlab run --kernel target/guest/vmlinux --disk path=target/guest/rootfs.ext4
-# Idempotent: rebuilt only when the tree changed.
+# Idempotent: rebuilt when the tree changed or the image was modified since
+# it was built (a guest that booted it read-write, or was killed without a
+# clean shutdown, may have left its journal dirty).
 set -euo pipefail
 log() { echo "build-rootfs: $*"; }
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,7 +21,8 @@ fi
 tree="$repo/target/guest/rootfs-tree"
 "$repo/scripts/build-initramfs.sh" --tree "$tree" >/dev/null
 stamp="$(cd "$tree" && find . -printf '%p %s %m %U %G %T@\n' | LC_ALL=C sort | sha256sum | cut -c1-16)-$size_mib"
-if [ -f "$out" ] && [ "$(cat "$out.stamp" 2>/dev/null)" = "$stamp" ]; then
+image_state() { stat -c '%Y.%s' "$out" 2>/dev/null || echo none; }
+if [ -f "$out" ] && [ "$(cat "$out.stamp" 2>/dev/null)" = "$stamp $(image_state)" ]; then
   log "$out is up to date"
   exit 0
 fi
@@ -31,5 +34,5 @@ truncate -s "${size_mib}M" "$tmp"
 mkfs.ext4 -q -F -L vmlab-root -d "$tree" \
   -E lazy_itable_init=0,lazy_journal_init=0 "$tmp"
 mv "$tmp" "$out"
-echo "$stamp" > "$out.stamp"
+echo "$stamp $(image_state)" > "$out.stamp"
 log "$out: $(du -h --apparent-size "$out" | cut -f1) image, $(du -sh "$tree" | cut -f1) of files"

@@ -92,6 +92,12 @@ impl HostKind {
         self == HostKind::NestedPvm
     }
 
+    /// Whether KVM's paravirtual IPI/TLB-flush/yield features are hidden
+    /// from the guest (they stall SMP guests on a PVM host).
+    pub fn hide_pv_ipi(self) -> bool {
+        self == HostKind::NestedPvm
+    }
+
     /// A short description for logs and reports.
     pub fn describe(self) -> &'static str {
         match self {
@@ -137,6 +143,8 @@ mod tests {
         assert!(HostKind::Hardware.cmdline_quirks().is_empty());
         assert!(!HostKind::Hardware.emulation_fallback());
         assert!(HostKind::NestedPvm.emulation_fallback());
+        assert!(!HostKind::Hardware.hide_pv_ipi());
+        assert!(HostKind::NestedPvm.hide_pv_ipi());
         assert_eq!(HostKind::resolve(QuirksMode::None), HostKind::Hardware);
         assert_eq!(HostKind::resolve(QuirksMode::Pvm), HostKind::NestedPvm);
     }

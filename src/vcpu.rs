@@ -19,6 +19,7 @@ use vm_memory::GuestMemoryMmap;
 use crate::arch::{cpuid, regs};
 use crate::control::{Control, VmEvent};
 use crate::devices::Bus;
+use crate::host::HostKind;
 use crate::stats::{ExitKind, ExitStats};
 
 /// KVM_INTERNAL_ERROR_EMULATION.
@@ -89,8 +90,9 @@ pub struct VcpuContext {
     pub control: Arc<Control>,
     /// Guest memory (for the emulation fallback).
     pub mem: GuestMemoryMmap,
-    /// Whether rejected instructions are emulated (PVM hosts only).
-    pub emulation_fallback: bool,
+    /// The host kind: its workarounds (emulation fallback, CPUID) apply
+    /// on a nested PVM host only.
+    pub host: HostKind,
     /// Set when the VM is stopping.
     pub stop: Arc<AtomicBool>,
     /// When the first KVM_RUN of any vCPU began.
@@ -131,6 +133,9 @@ impl Vcpu {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(self.kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         cpuid::adjust_for_vcpu(cpuid.as_mut_slice(), self.id, cpu_count);
+        if self.ctx.host.hide_pv_ipi() {
+            cpuid::hide_pv_ipi_features(cpuid.as_mut_slice());
+        }
         self.fd
             .set_cpuid2(&cpuid)
             .map_err(self.kvm_err("KVM_SET_CPUID2"))?;
@@ -318,7 +323,7 @@ impl Vcpu {
             VcpuExit::InternalError => {
                 // The suberror says whether this is an emulation failure.
                 let suberror = internal_suberror();
-                if suberror == INTERNAL_ERROR_EMULATION && ctx.emulation_fallback {
+                if suberror == INTERNAL_ERROR_EMULATION && ctx.host.emulation_fallback() {
                     (ExitKind::Other("internal error".into()), Outcome::Emulate)
                 } else {
                     (

@@ -408,7 +408,7 @@ impl Vm {
             mmio: Arc::new(mmio),
             control,
             mem,
-            emulation_fallback: config.host.emulation_fallback(),
+            host: config.host,
             stop: Arc::new(AtomicBool::new(false)),
             first_run: Arc::new(OnceLock::new()),
         };

@@ -98,6 +98,24 @@ pub fn adjust_for_vcpu(entries: &mut [kvm_cpuid_entry2], cpu_id: u8, cpu_count: 
     }
 }
 
+/// KVM's paravirtual feature leaf.
+const LEAF_KVM_FEATURES: u32 = 0x4000_0001;
+/// KVM_FEATURE_PV_TLB_FLUSH, KVM_FEATURE_PV_SEND_IPI, KVM_FEATURE_PV_SCHED_YIELD.
+const KVM_PV_TLB_IPI_YIELD: u32 = (1 << 9) | (1 << 11) | (1 << 13);
+
+/// Hides KVM's paravirtual TLB flush, IPI and sched-yield features. On a
+/// nested `kvm_pvm` host a 2-vCPU Linux guest using them stalled (an RCU
+/// stall on CPU 1, then a hang after the NMI backtrace), under QEMU as under
+/// vmlab; with them hidden it boots. Applied on such hosts only.
+pub fn hide_pv_ipi_features(entries: &mut [kvm_cpuid_entry2]) {
+    for entry in entries
+        .iter_mut()
+        .filter(|e| e.function == LEAF_KVM_FEATURES)
+    {
+        entry.eax &= !KVM_PV_TLB_IPI_YIELD;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,6 +186,17 @@ mod tests {
         e[0].edx = EDX_INVARIANT_TSC | 1;
         adjust_for_vcpu(&mut e, 0, 1);
         assert_eq!(e[0].edx, 1);
+    }
+
+    #[test]
+    fn pv_ipi_features_hidden() {
+        let mut e = vec![entry(LEAF_KVM_FEATURES, 0), entry(LEAF_FEATURES, 0)];
+        e[0].eax = 0xffff_ffff;
+        e[1].eax = 0xffff_ffff;
+        hide_pv_ipi_features(&mut e);
+        assert_eq!(e[0].eax & KVM_PV_TLB_IPI_YIELD, 0);
+        assert_eq!(e[0].eax | KVM_PV_TLB_IPI_YIELD, 0xffff_ffff);
+        assert_eq!(e[1].eax, 0xffff_ffff, "other leaves untouched");
     }
 
     #[test]

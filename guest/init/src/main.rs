@@ -191,6 +191,11 @@ fn finish(port: &StatusPort, signals: Option<&Signals>, opts: &Options, outcome:
     console::drain();
     // SAFETY: sync has no memory effects.
     unsafe { libc::sync() };
+    // Leave a disk root clean, as any init does at shutdown: remounting it
+    // read-only commits the ext4 journal, so the image can later be
+    // mounted from a read-only disk without recovery. Nothing to do (and
+    // a harmless EINVAL/EBUSY) on an initramfs root.
+    mounts::remount_root_readonly();
     match outcome {
         Outcome::Exited(code) => port.exit_status(code),
         Outcome::Shutdown(event) => port.event(event),

@@ -247,3 +247,22 @@ fn try_loopback_up() -> io::Result<()> {
     unsafe { libc::close(fd) };
     result
 }
+
+/// Remounts `/` read-only if it is a disk filesystem; errors are ignored
+/// (an initramfs root cannot be remounted, a busy one stays as it is and
+/// was synced anyway).
+pub fn remount_root_readonly() {
+    let root = c"/";
+    // SAFETY: both strings are NUL-terminated literals; MS_REMOUNT with a
+    // NULL source, type and data only changes the flags of the mount at /.
+    let rc = unsafe {
+        libc::mount(
+            std::ptr::null(),
+            root.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REMOUNT | libc::MS_RDONLY,
+            std::ptr::null(),
+        )
+    };
+    let _ = rc;
+}
