@@ -20,7 +20,9 @@ fi
 
 tree="$repo/target/guest/rootfs-tree"
 "$repo/scripts/build-initramfs.sh" --tree "$tree" >/dev/null
-stamp="$(cd "$tree" && find . -printf '%p %s %m %U %G %T@\n' | LC_ALL=C sort | sha256sum | cut -c1-16)-$size_mib"
+# Content, not mtimes: the tree's mtimes are fixed for reproducibility.
+stamp="$(cd "$tree" && { find . -printf '%p %m %U %G %l\n'; find . -type f -exec sha256sum {} +; } \
+  | LC_ALL=C sort | sha256sum | cut -c1-16)-$size_mib"
 image_state() { stat -c '%Y.%s' "$out" 2>/dev/null || echo none; }
 if [ -f "$out" ] && [ "$(cat "$out.stamp" 2>/dev/null)" = "$stamp $(image_state)" ]; then
   log "$out is up to date"
