@@ -26,7 +26,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARKER = "vmlab-bench-ready"
-CLEARCPUID = ("noxsave mitigations=off clearcpuid=popcnt,cx16,smap,smep,fsgsbase,rdpid,invpcid,"
+CLEARCPUID = ("noxsave mitigations=off clearcpuid=popcnt,cx16,smap,smep,rdpid,invpcid,"
               "pcid,pku,rdtscp,movbe,bmi1,bmi2,abm,rdrand,rdseed,erms,fsrm,avx,avx2,avx512f")
 
 

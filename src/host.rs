@@ -34,10 +34,16 @@ pub enum QuirksMode {
 /// not get through boot on a PVM host: XSAVE and the listed CPU features
 /// lead the kernel into instructions that KVM's emulator rejects there.
 /// `clearcpuid=` takes at most 128 characters.
+///
+/// FSGSBASE stays on, unlike in the first recipe in the host notes: with
+/// it cleared the kernel switches the user FS base with WRMSR, which this
+/// host loses across context switches (busybox pipelines segfaulted on a
+/// TLS read through FS, 2 of 2 runs, under QEMU as under vmlab); with
+/// WRFSBASE the same pipelines ran 5 of 5.
 pub const PVM_CMDLINE: &[&str] = &[
     "noxsave",
     "mitigations=off",
-    "clearcpuid=popcnt,cx16,smap,smep,fsgsbase,rdpid,invpcid,pcid,pku,rdtscp,movbe,bmi1,bmi2,abm,rdrand,rdseed,erms,fsrm,avx,avx2,avx512f",
+    "clearcpuid=popcnt,cx16,smap,smep,rdpid,invpcid,pcid,pku,rdtscp,movbe,bmi1,bmi2,abm,rdrand,rdseed,erms,fsrm,avx,avx2,avx512f",
 ];
 
 impl HostKind {

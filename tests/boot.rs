@@ -75,8 +75,9 @@ fn vmlinux_gzip_initramfs_release_reboot_stats() {
     );
 }
 
-/// bzImage, 2 vCPUs: the guest sees both CPUs and the command's exit
-/// status becomes vmlab's.
+/// bzImage, 2 vCPUs: the guest sees both CPUs, pipelines (two processes
+/// switching on and off the CPUs, each with its own TLS) work, and the
+/// command's exit status becomes vmlab's.
 #[test]
 fn bzimage_two_cpus_nproc_and_exit_status() {
     let dir = guest_dir();
