@@ -47,6 +47,49 @@ fn sha256_hex(path: &Path) -> String {
         .to_string()
 }
 
+/// A scratch directory with a 64 MiB random `source.img`, an empty 64 MiB
+/// `data.img`, and the source's checksum.
+struct Images {
+    dir: PathBuf,
+    source: PathBuf,
+    data: PathBuf,
+    source_sum: String,
+}
+
+fn images(name: &str, seed: u64) -> Images {
+    let dir = scratch_dir(name);
+    let source = dir.join("source.img");
+    let data = dir.join("data.img");
+    random_image(&source, seed);
+    std::fs::File::create(&data)
+        .unwrap()
+        .set_len((DATA_MIB << 20) as u64)
+        .unwrap();
+    let source_sum = sha256_hex(&source);
+    Images {
+        dir,
+        source,
+        data,
+        source_sum,
+    }
+}
+
+/// `vmlab run` with the read-only root (vda), the data disk (vdb) and the
+/// read-only source disk (vdc), running `script` in the guest.
+fn vmlab_with_disks(images: &Images, data_opts: &str, script: &str) -> std::process::Command {
+    let mut cmd = vmlab();
+    cmd.args(["run", "--kernel"])
+        .arg(guest_dir().join("vmlinux"))
+        .arg("--disk")
+        .arg(format!("path={},readonly=on", rootfs().display()))
+        .arg("--disk")
+        .arg(format!("path={}{data_opts}", images.data.display()))
+        .arg("--disk")
+        .arg(format!("path={},readonly=on", images.source.display()))
+        .args(["--", "sh", "-c", script]);
+    cmd
+}
+
 fn rootfs() -> PathBuf {
     let path = guest_dir().join("rootfs.ext4");
     assert!(
@@ -65,15 +108,8 @@ fn rootfs() -> PathBuf {
 /// data image.
 #[test]
 fn guest_writes_reach_the_host_image_and_readonly_is_enforced() {
-    let dir = scratch_dir("write");
-    let source = dir.join("source.img");
-    let data = dir.join("data.img");
-    random_image(&source, 0x1234_5678);
-    std::fs::File::create(&data)
-        .unwrap()
-        .set_len((DATA_MIB << 20) as u64)
-        .unwrap();
-    let source_sum = sha256_hex(&source);
+    let img = images("write", 0x1234_5678);
+    let (data, source, source_sum) = (&img.data, &img.source, img.source_sum.as_str());
 
     let script = format!(
         "dd if=/dev/vdc of=/dev/vdb bs=1M count={DATA_MIB} iflag=direct oflag=direct 2>/dev/null || echo dd-failed; \
@@ -84,16 +120,7 @@ fn guest_writes_reach_the_host_image_and_readonly_is_enforced() {
          grep ' / ' /proc/mounts; \
          poweroff"
     );
-    let mut cmd = vmlab();
-    cmd.args(["run", "--kernel"])
-        .arg(guest_dir().join("vmlinux"))
-        .arg("--disk")
-        .arg(format!("path={},readonly=on", rootfs().display()))
-        .arg("--disk")
-        .arg(format!("path={},id=data", data.display()))
-        .arg("--disk")
-        .arg(format!("path={},readonly=on", source.display()))
-        .args(["--", "sh", "-c", &script]);
+    let cmd = vmlab_with_disks(&img, ",id=data", &script);
     let run = run_with_deadline(cmd, BOOT_LIMIT);
     assert_eq!(
         run.code(),
@@ -110,18 +137,18 @@ fn guest_writes_reach_the_host_image_and_readonly_is_enforced() {
         .to_string();
     assert!(!lines.iter().any(|l| l == "dd-failed"), "{}", run.dump());
     assert_eq!(
-        guest_sum,
+        guest_sum.as_str(),
         source_sum,
         "guest read back what it wrote\n{}",
         run.dump()
     );
     assert_eq!(
-        sha256_hex(&data),
+        sha256_hex(data).as_str(),
         source_sum,
         "host image holds the guest's data"
     );
     assert_eq!(
-        sha256_hex(&source),
+        sha256_hex(source).as_str(),
         source_sum,
         "read-only source unchanged"
     );
@@ -142,36 +169,19 @@ fn guest_writes_reach_the_host_image_and_readonly_is_enforced() {
         "root is the read-only ext4 disk\n{}",
         run.dump()
     );
-    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(&img.dir).unwrap();
 }
 
 /// SIGTERM right after the guest's `sync` returned: vmlab stops the guest,
 /// exits 143, and the image holds everything the guest had synced.
 #[test]
 fn sigterm_after_guest_sync_keeps_the_data() {
-    let dir = scratch_dir("sigterm");
-    let source = dir.join("source.img");
-    let data = dir.join("data.img");
-    random_image(&source, 0xdead_beef);
-    std::fs::File::create(&data)
-        .unwrap()
-        .set_len((DATA_MIB << 20) as u64)
-        .unwrap();
-    let source_sum = sha256_hex(&source);
+    let img = images("sigterm", 0xdead_beef);
 
     let script = format!(
         "dd if=/dev/vdc of=/dev/vdb bs=1M count={DATA_MIB} iflag=direct oflag=direct 2>/dev/null; sync; echo synced; sleep 600"
     );
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vmlab"))
-        .args(["run", "--kernel"])
-        .arg(guest_dir().join("vmlinux"))
-        .arg("--disk")
-        .arg(format!("path={},readonly=on", rootfs().display()))
-        .arg("--disk")
-        .arg(format!("path={}", data.display()))
-        .arg("--disk")
-        .arg(format!("path={},readonly=on", source.display()))
-        .args(["--", "sh", "-c", &script])
+    let mut child = vmlab_with_disks(&img, "", &script)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -223,9 +233,9 @@ fn sigterm_after_guest_sync_keeps_the_data() {
     };
     assert_eq!(exit.code(), Some(143), "128 + SIGTERM");
     assert_eq!(
-        sha256_hex(&data),
-        source_sum,
+        sha256_hex(&img.data),
+        img.source_sum,
         "synced data is in the host image"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(&img.dir).unwrap();
 }
