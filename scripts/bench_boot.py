@@ -188,7 +188,7 @@ def markdown(r):
         f"| process start to first KVM_RUN (vmlab's mark) | {fmt(v['first_kvm_run_ms'], 'ms', 2)} | n/a | |",
         f"| process start to guest init up (vmlab's mark) | {fmt(v['init_up_s'], 's', 2)} | n/a | |",
         f"| VMM memory overhead (RSS outside guest RAM) | {fmt(v['overhead_kib'] / 1024 if v['overhead_kib'] is not None else None, 'MiB', 2)} | {fmt(q['overhead_kib'] / 1024 if q['overhead_kib'] is not None else None, 'MiB', 2)} | {ratio(v['overhead_kib'], q['overhead_kib'])} |",
-        f"| VMM CPU time until then (user+sys) | {fmt(v['cpu_s'], 's', 2)} | {fmt(q['cpu_s'], 's', 2)} | {ratio(v['cpu_s'], q['cpu_s'])} |",
+        f"| VMM process CPU time until then (user+sys, includes the vCPU threads, i.e. the guest) | {fmt(v['cpu_s'], 's', 2)} | {fmt(q['cpu_s'], 's', 2)} | {ratio(v['cpu_s'], q['cpu_s'])} |",
         "",
         f"Command: `{r['command']}`",
     ]

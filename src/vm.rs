@@ -383,7 +383,9 @@ impl Vm {
             .register_irqfd(&serial_irq, COM1_IRQ)
             .map_err(kvm_err("KVM_IRQFD for COM1"))?;
         let rx_ready = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(host_err("eventfd"))?);
-        let console = ConsoleOutput::new(out, tail.clone(), config.forward_stdin);
+        // Per-byte flushes only when a person watches a terminal (a shell
+        // prompt must appear before its newline); pipes get whole lines.
+        let console = ConsoleOutput::new(out, tail.clone(), config.init.tty);
         let serial = Arc::new(Mutex::new(SerialDevice::new(
             serial_irq,
             rx_ready.clone(),
