@@ -7,9 +7,9 @@ cd "$repo"
 scripts/build-guest.sh
 echo "demo: building vmlab (release)"
 cargo build --release --quiet --bin vmlab
-echo "demo: booting a micro-VM (about 40 s on a nested-KVM host, well under a second on hardware KVM)"
+echo "demo: booting a micro-VM (about a minute on a nested-KVM host, well under a second on hardware KVM)"
 exec target/release/vmlab run \
   --kernel target/guest/vmlinux \
-  --initrd target/guest/initramfs.cpio.gz \
+  --initrd target/guest/initramfs.cpio \
   --memory 256M --cpus 2 --boot-time \
   -- sh -c 'echo "hello from the vmlab guest"; echo "kernel: $(uname -r) (host: '"$(uname -r)"')"; echo "vCPUs: $(nproc)"; grep MemTotal /proc/meminfo'
