@@ -20,6 +20,16 @@ fi
 
 tree="$repo/target/guest/rootfs-tree"
 "$repo/scripts/build-initramfs.sh" --tree "$tree" >/dev/null
+# The workload program (guest/workload) goes on the disk only: the
+# initramfs stays small because the guest kernel unpacks it byte by byte.
+if [ -f "$repo/guest/workload/Cargo.toml" ]; then
+  (cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" \
+    cargo build -q -p vmlab-workload --release --target x86_64-unknown-linux-gnu)
+  install -D -m 0755 "${CARGO_TARGET_DIR:-$repo/target}/x86_64-unknown-linux-gnu/release/vmlab-workload" \
+    "$tree/usr/bin/vmlab-workload"
+  strip --strip-all "$tree/usr/bin/vmlab-workload" 2>/dev/null || true
+  touch -h -d @0 "$tree/usr/bin/vmlab-workload" "$tree/usr/bin"
+fi
 # Content, not mtimes: the tree's mtimes are fixed for reproducibility.
 stamp="$(cd "$tree" && { find . -printf '%p %m %U %G %l\n'; find . -type f -exec sha256sum {} +; } \
   | LC_ALL=C sort | sha256sum | cut -c1-16)-$size_mib"
