@@ -201,3 +201,41 @@ fn disk_errors() {
         "unknown --disk option",
     );
 }
+
+/// A disk image the user may not write, attached without readonly=on. Root
+/// ignores file modes, so the file is made immutable (chattr +i), which
+/// refuses writes even to root.
+#[test]
+fn unwritable_disk_needs_readonly() {
+    let kernel = guest_dir().join("vmlinux");
+    let image = scratch("immutable.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let chattr = |flag: &str| {
+        std::process::Command::new("chattr")
+            .arg(flag)
+            .arg(&image)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    assert!(
+        chattr("+i"),
+        "chattr +i must work on {} for this test",
+        image.display()
+    );
+    let disk = format!("path={}", s(&image));
+    let result = std::panic::catch_unwind(|| {
+        fails_with(
+            &["run", "--kernel", s(&kernel), "--disk", &disk],
+            "is not writable",
+        );
+    });
+    assert!(chattr("-i"));
+    std::fs::remove_file(&image).unwrap();
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
