@@ -28,10 +28,15 @@ WORKLOAD_HOST = os.path.join(REPO, "target/x86_64-unknown-linux-gnu/release/vmla
 
 
 def parse_json_line(text):
-    for line in text.splitlines():
+    """The workload's JSON line, once it has arrived complete."""
+    complete = text.split("\n")[:-1] if not text.endswith("\n") else text.split("\n")
+    for line in complete:
         line = line.strip().strip("\r")
         if line.startswith("{") and '"workload":"disk"' in line.replace(" ", ""):
-            return json.loads(line)
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue
     return None
 
 
@@ -94,7 +99,9 @@ def main():
     append = ("console=ttyS0 reboot=k panic=-1 8250.nr_uarts=1 random.trust_bootloader=on quiet "
               + (CLEARCPUID + " " if pvm else "")
               + "root=/dev/vda ro vmlab.tty=0 vmlab.quiet=1 vmlab.cmd=" + "\0".join(wl).encode().hex())
-    qemu = ["qemu-system-x86_64", "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=off,pit=on,pic=on",
+    # acpi=off: the guest kernel has no ACPI; QEMU then lists the
+    # virtio-mmio devices on the kernel command line (auto-kernel-cmdline).
+    qemu = ["qemu-system-x86_64", "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=off,pit=on,pic=on,acpi=off",
             "-enable-kvm", "-cpu", "host,-arch-capabilities,-invtsc,-kvm-pv-ipi,-kvm-pv-tlb-flush,-kvm-pv-sched-yield",
             "-m", "256", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
             "-no-reboot", "-kernel", kernel, "-append", append,
