@@ -12,16 +12,14 @@ Usage: scripts/bench_block.py [--runs 5] [--mib 64] [--random-ops 2000] [--json 
 import argparse
 import json
 import os
-import select
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_boot import CLEARCPUID, host_description  # noqa: E402
+from bench_boot import CLEARCPUID, host_description, run_until  # noqa: E402
 
 GUEST = os.path.join(REPO, "target/guest")
 WORKLOAD_HOST = os.path.join(REPO, "target/x86_64-unknown-linux-gnu/release/vmlab-workload")
@@ -42,31 +40,7 @@ def parse_json_line(text):
 
 def run_vm(argv, timeout):
     """Runs a VMM until the guest prints the workload's JSON line."""
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    out = b""
-    start = time.monotonic()
-    result = None
-    try:
-        while time.monotonic() - start < timeout:
-            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
-            if ready:
-                chunk = os.read(proc.stdout.fileno(), 65536)
-                if not chunk:
-                    break
-                out += chunk
-                result = parse_json_line(out.decode(errors="replace"))
-                if result:
-                    break
-    finally:
-        proc.terminate()
-        try:
-            _, err = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _, err = proc.communicate()
-    if result is None:
-        raise RuntimeError(f"{argv[0]}: no result\n{out.decode(errors='replace')[-3000:]}\n{err.decode(errors='replace')[-2000:]}")
+    result, _ = run_until(argv, timeout, lambda out, _start, _pid: parse_json_line(out))
     return result
 
 

@@ -78,25 +78,24 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
-def run_once(argv, mem_bytes, timeout):
+def run_until(argv, timeout, check):
+    """Spawns a VMM and feeds everything it has printed so far, with its
+    start time and pid, to `check(out_text, start, pid)` until that returns
+    a result; then stops the VMM. Returns (result, stderr text)."""
     start = time.monotonic()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     out = b""
     result = None
     try:
-        while time.monotonic() - start < timeout:
+        while result is None and time.monotonic() - start < timeout:
             ready, _, _ = select.select([proc.stdout], [], [], 1.0)
             if ready:
                 chunk = os.read(proc.stdout.fileno(), 65536)
                 if not chunk:
                     break
                 out += chunk
-                if MARKER.encode() in out:
-                    t = time.monotonic() - start
-                    result = {"ready_s": t, "overhead_kib": overhead_kib(proc.pid, mem_bytes),
-                              "cpu_s": cpu_seconds(proc.pid)}
-                    break
+                result = check(out.decode(errors="replace"), start, proc.pid)
     finally:
         proc.terminate()
         try:
@@ -104,9 +103,21 @@ def run_once(argv, mem_bytes, timeout):
         except subprocess.TimeoutExpired:
             proc.kill()
             _, err = proc.communicate()
+    err = err.decode(errors="replace")
     if result is None:
-        raise RuntimeError(f"{argv[0]}: no marker within {timeout}s\n{out.decode(errors='replace')[-2000:]}\n{err.decode(errors='replace')[-2000:]}")
-    m = re.search(r"first KVM_RUN after ([0-9.]+) ms, guest init up after ([0-9.]+|never)", err.decode(errors="replace"))
+        raise RuntimeError(f"{argv[0]}: no result within {timeout}s\n{out.decode(errors='replace')[-3000:]}\n{err[-2000:]}")
+    return result, err
+
+
+def run_once(argv, mem_bytes, timeout):
+    def at_marker(out, start, pid):
+        if MARKER not in out:
+            return None
+        return {"ready_s": time.monotonic() - start, "overhead_kib": overhead_kib(pid, mem_bytes),
+                "cpu_s": cpu_seconds(pid)}
+
+    result, err = run_until(argv, timeout, at_marker)
+    m = re.search(r"first KVM_RUN after ([0-9.]+) ms, guest init up after ([0-9.]+|never)", err)
     if m:
         result["first_kvm_run_ms"] = float(m.group(1))
         result["init_up_s"] = float(m.group(2)) / 1000 if m.group(2) != "never" else None
