@@ -537,6 +537,23 @@ pub enum EmulateError {
     },
 }
 
+/// Read, compare, write back if equal: not atomic against other vCPUs. The
+/// default for [`GuestCpu`] implementors that cannot do better, and the KVM
+/// adapter's fallback when the operand has no single host mapping.
+fn compare_exchange_bytes<C: GuestCpu + ?Sized, const N: usize>(
+    cpu: &mut C,
+    addr: u64,
+    current: [u8; N],
+    new: [u8; N],
+) -> Result<[u8; N], EmulateError> {
+    let mut old = [0u8; N];
+    cpu.read_memory(addr, &mut old)?;
+    if old == current {
+        cpu.write_memory(addr, &new)?;
+    }
+    Ok(old)
+}
+
 /// The operations emulation needs from a stopped vCPU and its memory.
 ///
 /// General registers are numbered in instruction-encoding order: 0 RAX, 1 RCX, 2 RDX,
@@ -576,13 +593,8 @@ pub trait GuestCpu {
         current: u64,
         new: u64,
     ) -> Result<u64, EmulateError> {
-        let mut buf = [0u8; 8];
-        self.read_memory(addr, &mut buf)?;
-        let old = u64::from_le_bytes(buf);
-        if old == current {
-            self.write_memory(addr, &new.to_le_bytes())?;
-        }
-        Ok(old)
+        compare_exchange_bytes(self, addr, current.to_le_bytes(), new.to_le_bytes())
+            .map(u64::from_le_bytes)
     }
 
     /// 16-byte version of [`GuestCpu::compare_exchange_u64`] (`addr` is 16-byte aligned).
@@ -592,13 +604,8 @@ pub trait GuestCpu {
         current: u128,
         new: u128,
     ) -> Result<u128, EmulateError> {
-        let mut buf = [0u8; 16];
-        self.read_memory(addr, &mut buf)?;
-        let old = u128::from_le_bytes(buf);
-        if old == current {
-            self.write_memory(addr, &new.to_le_bytes())?;
-        }
-        Ok(old)
+        compare_exchange_bytes(self, addr, current.to_le_bytes(), new.to_le_bytes())
+            .map(u128::from_le_bytes)
     }
 
     /// x87 control word and status word (FCW, FSW).
@@ -1552,13 +1559,8 @@ impl GuestCpu for KvmCpu<'_> {
             Some(old) => Ok(old),
             None => {
                 log::debug!("cmpxchg8b at {addr:#x}: unaligned or page-crossing, not atomic");
-                let mut buf = [0u8; 8];
-                self.read_memory(addr, &mut buf)?;
-                let old = u64::from_le_bytes(buf);
-                if old == current {
-                    self.write_memory(addr, &new.to_le_bytes())?;
-                }
-                Ok(old)
+                compare_exchange_bytes(self, addr, current.to_le_bytes(), new.to_le_bytes())
+                    .map(u64::from_le_bytes)
             }
         }
     }
@@ -1581,13 +1583,8 @@ impl GuestCpu for KvmCpu<'_> {
             }
         }
         log::debug!("cmpxchg16b at {addr:#x}: no host CMPXCHG16B or unusable address, not atomic");
-        let mut buf = [0u8; 16];
-        self.read_memory(addr, &mut buf)?;
-        let old = u128::from_le_bytes(buf);
-        if old == current {
-            self.write_memory(addr, &new.to_le_bytes())?;
-        }
-        Ok(old)
+        compare_exchange_bytes(self, addr, current.to_le_bytes(), new.to_le_bytes())
+            .map(u128::from_le_bytes)
     }
 
     fn x87_control_status(&mut self) -> Result<(u16, u16), EmulateError> {
