@@ -26,6 +26,8 @@ log() { echo "build-initramfs: $*"; }
 die() { echo "build-initramfs: ERROR: $*" >&2; exit 1; }
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=scripts/lib/apt.sh
+. "$REPO/scripts/lib/apt.sh"
 RUST_TARGET=x86_64-unknown-linux-gnu
 OUT_DIR="$REPO/target/guest"
 INIT_BIN="${CARGO_TARGET_DIR:-$REPO/target}/$RUST_TARGET/release/vmlab-init"
@@ -33,24 +35,9 @@ BUSYBOX=/bin/busybox
 EPOCH="${SOURCE_DATE_EPOCH:-0}"
 STAGE=""
 
-# Installs the Debian packages the build needs, running `apt-get update`
-# only when something is missing.
+# The Debian packages the build needs.
 ensure_packages() {
-  local need=() sudo=()
-  dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q "install ok installed" \
-    || need+=(busybox-static)
-  command -v cpio >/dev/null || need+=(cpio)
-  command -v file >/dev/null || need+=(file)
-  command -v gzip >/dev/null || need+=(gzip)
-  [ "${#need[@]}" -eq 0 ] && return 0
-  if [ "$(id -u)" -ne 0 ]; then
-    command -v sudo >/dev/null || die "need root (or sudo) to install: ${need[*]}"
-    sudo=(sudo)
-  fi
-  log "installing ${need[*]}"
-  "${sudo[@]}" apt-get update -q
-  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
-    apt-get install -y -q --no-install-recommends "${need[@]}"
+  apt_install_missing busybox-static cpio file gzip || die "cannot install the build's packages"
 }
 
 # Builds vmlab-init as a static executable and checks that it is static

@@ -12,11 +12,9 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="$repo/target/guest/rootfs.ext4"
 size_mib="${VMLAB_ROOTFS_MIB:-64}"
 
-if ! command -v mkfs.ext4 >/dev/null 2>&1; then
-  log "installing e2fsprogs"
-  apt-get update -q
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends e2fsprogs
-fi
+# shellcheck source=scripts/lib/apt.sh
+. "$repo/scripts/lib/apt.sh"
+apt_install_missing e2fsprogs
 
 tree="$repo/target/guest/rootfs-tree"
 "$repo/scripts/build-initramfs.sh" --tree "$tree" >/dev/null
