@@ -20,6 +20,7 @@ pub mod control;
 pub mod devices;
 pub mod emulate;
 pub mod host;
+pub mod image;
 pub mod stats;
 pub mod terminal;
 pub mod vcpu;
