@@ -7,6 +7,10 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 [ -e /dev/kvm ] || { echo "test: /dev/kvm is missing: vmlab's tests need KVM" >&2; exit 1; }
 scripts/build-guest.sh
+# runc: the OCI runtime tests/container.rs runs `vmlab container` with.
+# shellcheck source=scripts/lib/apt.sh
+. "$repo/scripts/lib/apt.sh"
+apt_install_missing runc || { echo "test: cannot install runc" >&2; exit 1; }
 echo "test: cargo fmt --check"
 cargo fmt --all -- --check
 echo "test: cargo clippy"

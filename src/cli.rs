@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::devices::virtio::BlockConfig;
+use crate::devices::virtio::{BlockConfig, MacAddr, NetConfig};
 use crate::host::QuirksMode;
 
 /// vmlab: a micro-VM monitor on Linux KVM.
@@ -28,6 +28,35 @@ pub enum Command {
     /// Boot a micro-VM; with `-- COMMAND`, run COMMAND in it and exit with
     /// its status.
     Run(RunArgs),
+    /// Run the same image as a container on the host, through an OCI
+    /// runtime (runc or crun); with `-- COMMAND`, run COMMAND in it.
+    Container(ContainerArgs),
+}
+
+/// `vmlab container`.
+#[derive(Debug, Args)]
+pub struct ContainerArgs {
+    /// The image: an OCI image layout, a `docker save` archive, or a root
+    /// file-system directory.
+    #[arg(long, value_name = "PATH")]
+    pub image: PathBuf,
+    /// OCI runtime: runc, crun, a path to one, or auto (the first of runc,
+    /// crun that works on this host).
+    #[arg(long, value_name = "R", default_value = "auto", value_parser = crate::container::RuntimeRequest::parse)]
+    pub runtime: crate::container::RuntimeRequest,
+    /// Memory limit (cgroup): a number of MiB, or with a unit: 512M, 2G.
+    #[arg(long, short = 'm', value_name = "SIZE", value_parser = parse_size)]
+    pub memory: Option<u64>,
+    /// Container id and host name (default: vmlab-PID-N).
+    #[arg(long, value_name = "NAME", value_parser = crate::container::parse_name)]
+    pub name: Option<String>,
+    /// Network: none (a namespace with only loopback) or host.
+    #[arg(long, value_enum, default_value_t = crate::container::Network::None)]
+    pub network: crate::container::Network,
+    /// The command to run in the container, after `--` (replaces the
+    /// image's Cmd).
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
 }
 
 /// `vmlab run`.
@@ -39,6 +68,13 @@ pub struct RunArgs {
     /// Initial ramdisk (cpio, optionally compressed).
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
+    /// Boot a container image: an OCI image layout, a `docker save`
+    /// archive, or a root file-system directory. It becomes an ext4 root
+    /// disk (/dev/vda; cached, each run boots a throw-away copy), and the
+    /// guest runs its Entrypoint/Cmd (or COMMAND) with its Env,
+    /// WorkingDir and User, like `docker run`.
+    #[arg(long, value_name = "PATH", conflicts_with = "initrd")]
+    pub image: Option<PathBuf>,
     /// Extra kernel command-line options, appended after vmlab's own.
     #[arg(long, value_name = "STR")]
     pub cmdline: Option<String>,
@@ -53,6 +89,13 @@ pub struct RunArgs {
     /// root filesystem.
     #[arg(long, value_name = "SPEC", value_parser = parse_disk)]
     pub disk: Vec<BlockConfig>,
+    /// A virtio-net interface on a host TAP device: `tap=NAME[,mac=MAC]`.
+    /// Repeatable (eth0, eth1, ... in order). vmlab creates the TAP if it
+    /// does not exist and it may (CAP_NET_ADMIN); the default MAC is a
+    /// random locally administered one. Configure the guest side with
+    /// `--cmdline ip=ADDR::GATEWAY:NETMASK::eth0:off`.
+    #[arg(long, value_name = "SPEC", value_parser = parse_net)]
+    pub net: Vec<NetConfig>,
     /// Print the time from vmlab's start to the first KVM_RUN and to the
     /// guest init being up (stderr).
     #[arg(long)]
@@ -132,6 +175,29 @@ pub fn parse_disk(s: &str) -> Result<BlockConfig, String> {
     Ok(BlockConfig { path, readonly, id })
 }
 
+/// Parses `tap=NAME[,mac=MAC]` (a bare NAME is the TAP).
+pub fn parse_net(s: &str) -> Result<NetConfig, String> {
+    let mut tap = None;
+    let mut mac = None;
+    for (i, part) in s.split(',').enumerate() {
+        let (key, value) = match part.split_once('=') {
+            Some(kv) => kv,
+            None if i == 0 && !part.is_empty() => ("tap", part),
+            None => return Err(format!("'{part}' in --net {s}: expected key=value")),
+        };
+        match key {
+            "tap" | "ifname" => {
+                crate::devices::tap::validate_name(value).map_err(|e| e.to_string())?;
+                tap = Some(value.to_string());
+            }
+            "mac" => mac = Some(value.parse::<MacAddr>()?),
+            _ => return Err(format!("unknown --net option '{key}' (tap, mac)")),
+        }
+    }
+    let tap = tap.ok_or_else(|| format!("--net {s}: tap=NAME is required"))?;
+    Ok(NetConfig { tap, mac })
+}
+
 fn parse_cpus(s: &str) -> Result<u8, String> {
     let n: u32 = s
         .trim()
@@ -188,6 +254,45 @@ mod tests {
     }
 
     #[test]
+    fn nets() {
+        let n = parse_net("tap=t0,mac=02:00:00:aa:bb:cc").unwrap();
+        assert_eq!(n.tap, "t0");
+        assert_eq!(n.mac.unwrap().0, [2, 0, 0, 0xaa, 0xbb, 0xcc]);
+        let n = parse_net("vmtap1").unwrap();
+        assert_eq!((n.tap.as_str(), n.mac), ("vmtap1", None));
+        assert!(parse_net("mac=02:00:00:aa:bb:cc")
+            .unwrap_err()
+            .contains("tap=NAME is required"));
+        assert!(parse_net("").is_err());
+        assert!(parse_net("tap=t0,mac=zz:00:00:aa:bb:cc")
+            .unwrap_err()
+            .contains("not a MAC address"));
+        assert!(parse_net("tap=t0,mac=02:00:00:aa:bb")
+            .unwrap_err()
+            .contains("not a MAC address"));
+        assert!(parse_net("tap=t0,mac=01:00:5e:00:00:01")
+            .unwrap_err()
+            .contains("multicast"));
+        assert!(parse_net("tap=t0,color=red")
+            .unwrap_err()
+            .contains("unknown --net option"));
+        assert!(parse_net("tap=t0,junk").is_err());
+        assert!(parse_net("tap=")
+            .unwrap_err()
+            .contains("not a valid interface name"));
+        assert!(parse_net("tap=much-too-long-name").is_err());
+        let cli = Cli::try_parse_from([
+            "vmlab", "run", "--kernel", "k", "--net", "tap=a", "--net", "tap=b,mac=02:00:00:00:00:02",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(args.net.len(), 2);
+        assert_eq!(args.net[1].tap, "b");
+    }
+
+    #[test]
     fn cpus() {
         assert_eq!(parse_cpus("2"), Ok(2));
         assert!(parse_cpus("0").unwrap_err().contains("at least one"));
@@ -202,7 +307,9 @@ mod tests {
             "vmlab", "run", "--kernel", "k", "--cpus", "2", "--", "sh", "-c", "exit 3",
         ])
         .unwrap();
-        let Command::Run(args) = cli.command;
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
         assert_eq!(args.cpus, 2);
         assert_eq!(args.memory, 256 << 20);
         assert_eq!(args.command, vec!["sh", "-c", "exit 3"]);
@@ -213,5 +320,48 @@ mod tests {
         assert!(Cli::try_parse_from(["vmlab", "run"]).is_err());
         assert!(Cli::try_parse_from(["vmlab", "run", "--kernel", "k", "--memory", "x"]).is_err());
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_image() {
+        let cli = Cli::try_parse_from([
+            "vmlab", "run", "--kernel", "k", "--image", "img", "--disk", "d", "--", "id",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(args.image, Some(PathBuf::from("img")));
+        assert_eq!(args.command, vec!["id"]);
+        assert_eq!(args.disk.len(), 1);
+        let e = Cli::try_parse_from([
+            "vmlab", "run", "--kernel", "k", "--image", "img", "--initrd", "i",
+        ])
+        .unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict);
+    }
+
+    #[test]
+    fn container_with_command() {
+        use crate::container::{Network, RuntimeRequest};
+        let argv = "vmlab container --image img --runtime crun -m 64M -- sh -c";
+        let argv = argv.split(' ').chain(["exit 4"]);
+        let cli = Cli::try_parse_from(argv).unwrap();
+        let Command::Container(args) = cli.command else {
+            panic!("not container")
+        };
+        assert_eq!(args.runtime, RuntimeRequest::Named("crun".into()));
+        assert_eq!(args.memory, Some(64 << 20));
+        assert_eq!(args.network, Network::None);
+        assert_eq!(args.command, vec!["sh", "-c", "exit 4"]);
+        let cli = Cli::try_parse_from(["vmlab", "container", "--image", "img"]).unwrap();
+        let Command::Container(args) = cli.command else {
+            panic!("not container")
+        };
+        assert_eq!(args.runtime, RuntimeRequest::Auto);
+        assert!(args.memory.is_none() && args.name.is_none());
+        assert!(Cli::try_parse_from(["vmlab", "container"]).is_err());
+        let bad_name = ["vmlab", "container", "--image", "i", "--name", "a/b"];
+        assert!(Cli::try_parse_from(bad_name).is_err());
     }
 }

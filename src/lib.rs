@@ -8,6 +8,7 @@
 //! - [`arch`]: x86_64 memory map, page tables, GDT, CPUID, MP table.
 //! - [`boot`]: loading the kernel and initrd, boot_params.
 //! - [`cmdline`]: the guest kernel command line.
+//! - [`container`]: `vmlab container`, the same image under an OCI runtime.
 //! - [`devices`]: the emulated devices, one file each.
 //! - [`emulate`]: user-space emulation of instructions a nested KVM rejects.
 //! - [`host`]: host detection and the workarounds a nested KVM needs.
@@ -16,6 +17,7 @@ pub mod arch;
 pub mod boot;
 pub mod cli;
 pub mod cmdline;
+pub mod container;
 pub mod control;
 pub mod devices;
 pub mod emulate;

@@ -8,9 +8,11 @@ use std::time::Instant;
 
 use clap::Parser;
 
-use vmlab::cli::{Cli, Command, RunArgs};
+use vmlab::cli::{Cli, Command, ContainerArgs, RunArgs};
 use vmlab::cmdline::InitParams;
+use vmlab::devices::virtio::BlockConfig;
 use vmlab::host::HostKind;
+use vmlab::image::VmImage;
 use vmlab::terminal::RawMode;
 use vmlab::vm::{Vm, VmConfig};
 
@@ -30,6 +32,24 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_VMLAB_ERROR)
             }
         },
+        Command::Container(args) => match vmlab::container::run(&container_options(args)) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                eprintln!("vmlab: error: {e}");
+                ExitCode::from(e.exit_code())
+            }
+        },
+    }
+}
+
+fn container_options(args: ContainerArgs) -> vmlab::container::ContainerOptions {
+    vmlab::container::ContainerOptions {
+        image: args.image,
+        command: args.command,
+        runtime: args.runtime,
+        memory: args.memory,
+        name: args.name,
+        network: args.network,
     }
 }
 
@@ -48,7 +68,46 @@ fn init_logging(cli: &Cli) {
         .init();
 }
 
-fn run(args: RunArgs, started: Instant) -> Result<u8, vmlab::vm::Error> {
+/// Why `vmlab run` failed before or while running the guest.
+#[derive(Debug, thiserror::Error)]
+enum RunError {
+    #[error(transparent)]
+    Vm(#[from] vmlab::vm::Error),
+    #[error(transparent)]
+    Image(#[from] vmlab::image::Error),
+}
+
+/// `--image`: the per-run copy of the image's disk becomes /dev/vda (the
+/// root: without an initrd vm.rs adds `root=/dev/vda rw`), the kernel
+/// starts vmlab's init injected into it, and the init runs the image's
+/// process with its environment, working directory and user.
+fn boot_image(
+    image: &VmImage,
+    init: &mut InitParams,
+    disks: &mut Vec<BlockConfig>,
+    cmdline: &mut Option<String>,
+) {
+    disks.insert(
+        0,
+        BlockConfig {
+            path: image.disk.path().to_path_buf(),
+            readonly: false,
+            id: None,
+        },
+    );
+    init.command = Some(image.argv.clone());
+    init.env = image.config.env.clone();
+    init.workdir = Some(image.config.working_dir().to_string());
+    init.user = image.config.user.clone();
+    // Before the user's --cmdline, which can still override it.
+    let init_arg = format!("init={}", vmlab::image::GUEST_INIT_PATH);
+    *cmdline = Some(match cmdline.take() {
+        Some(user) => format!("{init_arg} {user}"),
+        None => init_arg,
+    });
+}
+
+fn run(args: RunArgs, started: Instant) -> Result<u8, RunError> {
     let host = HostKind::resolve(args.host_quirks);
     if !host.cmdline_quirks().is_empty() {
         log::info!(
@@ -58,20 +117,32 @@ fn run(args: RunArgs, started: Instant) -> Result<u8, vmlab::vm::Error> {
         );
     }
     let stdin_tty = std::io::stdin().is_terminal();
+    // Lives until the VM is done: dropping it removes the run's disk.
+    let image = match &args.image {
+        Some(path) => Some(vmlab::image::prepare_vm(path, &args.command)?),
+        None => None,
+    };
+    let mut init = InitParams {
+        command: (!args.command.is_empty()).then_some(args.command),
+        tty: stdin_tty && std::io::stdout().is_terminal(),
+        ..Default::default()
+    };
+    let mut disks = args.disk;
+    let mut cmdline = args.cmdline;
+    if let Some(image) = &image {
+        boot_image(image, &mut init, &mut disks, &mut cmdline);
+    }
     let config = VmConfig {
         kernel: args.kernel,
         initrd: args.initrd,
-        cmdline: args.cmdline,
+        cmdline,
         mem_size: args.memory,
         cpus: args.cpus,
-        init: InitParams {
-            command: (!args.command.is_empty()).then_some(args.command),
-            tty: stdin_tty && std::io::stdout().is_terminal(),
-            ..Default::default()
-        },
+        init,
         host,
         forward_stdin: true,
-        disks: args.disk,
+        disks,
+        nets: args.net,
     };
     let vm = Vm::build(&config, Box::new(std::io::stdout()))?;
     log::debug!("guest command line: {}", vm.cmdline());

@@ -35,7 +35,8 @@ use crate::devices::serial::{
 };
 use crate::devices::status::{StatusDevice, STATUS_PORT_BASE, STATUS_PORT_LEN};
 use crate::devices::virtio::{
-    self, BlockConfig, BlockHandle, EventLoop, EventLoopThread, QUEUE_NOTIFY_OFFSET,
+    self, BlockConfig, BlockHandle, EventLoop, EventLoopThread, MmioDeviceSetup, NetConfig,
+    NetHandle, QUEUE_NOTIFY_OFFSET,
 };
 use crate::devices::{bus, Bus};
 use crate::host::HostKind;
@@ -69,6 +70,8 @@ pub struct VmConfig {
     pub forward_stdin: bool,
     /// virtio-blk disks, in order: the first is /dev/vda.
     pub disks: Vec<BlockConfig>,
+    /// virtio-net interfaces on host TAP devices, in order: eth0, eth1...
+    pub nets: Vec<NetConfig>,
 }
 
 /// Errors building or running the VM.
@@ -136,6 +139,49 @@ pub enum Error {
 }
 
 type Result<T> = std::result::Result<T, Error>;
+
+/// Hands out virtio-mmio windows and interrupt lines, one per device, in
+/// one sequence for every kind of virtio device.
+#[derive(Default)]
+struct VirtioSlots {
+    next: u32,
+}
+
+impl VirtioSlots {
+    /// Gives `device` the next MMIO window and GSI: registers its irqfd
+    /// and queue ioeventfds with KVM, puts its transport on the MMIO bus,
+    /// and returns the `virtio_mmio.device=` entry for the command line.
+    fn attach(&mut self, vm_fd: &VmFd, mmio: &mut Bus, device: &MmioDeviceSetup) -> Result<String> {
+        let gsi = layout::IRQ_BASE + self.next;
+        if gsi > layout::IRQ_MAX {
+            return Err(Error::Config(format!(
+                "too many devices: vmlab has {} interrupt lines for virtio devices (disks and \
+                 network interfaces together)",
+                layout::IRQ_MAX - layout::IRQ_BASE + 1
+            )));
+        }
+        let base = layout::VIRTIO_MMIO_START + u64::from(self.next) * layout::VIRTIO_MMIO_SIZE;
+        self.next += 1;
+        vm_fd
+            .register_irqfd(&device.irq_fd, gsi)
+            .map_err(kvm_err("KVM_IRQFD for a virtio device"))?;
+        for (fd, queue) in &device.notify_fds {
+            vm_fd
+                .register_ioevent(
+                    fd,
+                    &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET),
+                    *queue,
+                )
+                .map_err(kvm_err("KVM_IOEVENTFD for a virtio queue"))?;
+        }
+        mmio.insert(base, layout::VIRTIO_MMIO_SIZE, device.transport.clone())?;
+        Ok(virtio::kernel_cmdline_device(
+            base,
+            layout::VIRTIO_MMIO_SIZE,
+            gsi,
+        ))
+    }
+}
 
 fn host_err(what: &'static str) -> impl Fn(std::io::Error) -> Error {
     move |source| Error::Host { what, source }
@@ -222,6 +268,7 @@ pub struct Vm {
     cmdline: String,
     event_loop: Option<EventLoop>,
     disks: Vec<BlockHandle>,
+    nets: Vec<NetHandle>,
 }
 
 impl Vm {
@@ -286,41 +333,30 @@ impl Vm {
         let event_loop = EventLoop::new()?;
         let mut mmio = Bus::new();
         let mut device_cmdline = Vec::new();
+        // Disks first, so that the first disk is /dev/vda whatever else
+        // is attached; then network interfaces (eth0, eth1, ... in order).
+        let mut slots = VirtioSlots::default();
         let mut disks = Vec::new();
-        for (i, disk) in config.disks.iter().enumerate() {
-            let base = layout::VIRTIO_MMIO_START + i as u64 * layout::VIRTIO_MMIO_SIZE;
-            let gsi = layout::IRQ_BASE + i as u32;
-            if gsi > layout::IRQ_MAX {
-                return Err(Error::Config(format!(
-                    "too many devices: vmlab has {} interrupt lines for virtio devices",
-                    layout::IRQ_MAX - layout::IRQ_BASE + 1
-                )));
-            }
+        for disk in &config.disks {
             let irq = EventFd::new(EFD_NONBLOCK).map_err(host_err("eventfd"))?;
             let setup = virtio::create_block_device(disk, mem.clone(), &event_loop.handle(), irq)?;
-            vm_fd
-                .register_irqfd(&setup.device.irq_fd, gsi)
-                .map_err(kvm_err("KVM_IRQFD for a virtio device"))?;
-            for (fd, queue) in &setup.device.notify_fds {
-                vm_fd
-                    .register_ioevent(
-                        fd,
-                        &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET),
-                        *queue,
-                    )
-                    .map_err(kvm_err("KVM_IOEVENTFD for a virtio queue"))?;
-            }
-            mmio.insert(
-                base,
-                layout::VIRTIO_MMIO_SIZE,
-                setup.device.transport.clone(),
-            )?;
-            device_cmdline.push(virtio::kernel_cmdline_device(
-                base,
-                layout::VIRTIO_MMIO_SIZE,
-                gsi,
-            ));
+            let entry = slots.attach(&vm_fd, &mut mmio, &setup.device)?;
+            device_cmdline.push(entry);
             disks.push(setup.disk);
+        }
+        let mut nets = Vec::new();
+        for (i, net) in config.nets.iter().enumerate() {
+            let irq = EventFd::new(EFD_NONBLOCK).map_err(host_err("eventfd"))?;
+            let setup =
+                virtio::create_net_device(net, i, mem.clone(), &event_loop.handle(), irq)?;
+            let entry = slots.attach(&vm_fd, &mut mmio, &setup.device)?;
+            device_cmdline.push(entry);
+            log::debug!(
+                "virtio-net: tap {} as eth{i}, MAC {}",
+                setup.net.name(),
+                setup.net.mac()
+            );
+            nets.push(setup.net);
         }
         // Without an initramfs the first disk is the root filesystem.
         if config.initrd.is_none() {
@@ -437,6 +473,7 @@ impl Vm {
             cmdline,
             event_loop: Some(event_loop),
             disks,
+            nets,
         })
     }
 
@@ -627,6 +664,14 @@ impl Vm {
         for disk in &self.disks {
             if let Err(e) = disk.flush() {
                 log::error!("cannot flush disk {}: {e}", disk.path().display());
+            }
+        }
+        for net in &self.nets {
+            let stats = net.stats();
+            if stats.tx_malformed + stats.rx_malformed > 0 {
+                log::warn!("virtio-net {}: {stats}", net.name());
+            } else {
+                log::debug!("virtio-net {}: {stats}", net.name());
             }
         }
     }
@@ -832,6 +877,7 @@ mod tests {
             host: HostKind::Hardware,
             forward_stdin: false,
             disks: Vec::new(),
+            nets: Vec::new(),
         }
     }
 

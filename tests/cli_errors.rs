@@ -239,3 +239,181 @@ fn unwritable_disk_needs_readonly() {
         std::panic::resume_unwind(panic);
     }
 }
+
+/// `vmlab container` with bad input: vmlab's own failure, status 125 (2
+/// for usage errors), before any runtime is started.
+#[test]
+fn container_errors() {
+    let exits_125 = |args: &[&str], needle: &str| {
+        fails_with(args, needle);
+        let mut cmd = vmlab();
+        cmd.args(args);
+        let run = run_with_deadline(cmd, LIMIT);
+        assert_eq!(run.code(), Some(125), "{}", run.dump());
+    };
+    exits_125(
+        &["container", "--image", "/nonexistent/image", "--", "true"],
+        "image: /nonexistent/image",
+    );
+    // A plain directory is a valid image; the runtime is not.
+    let rootfs = scratch("container-rootfs");
+    std::fs::create_dir_all(&rootfs).unwrap();
+    exits_125(
+        &[
+            "container",
+            "--image",
+            s(&rootfs),
+            "--runtime",
+            "/nonexistent/runc",
+            "--",
+            "true",
+        ],
+        "runtime /nonexistent/runc",
+    );
+    exits_125(
+        &[
+            "container",
+            "--image",
+            s(&rootfs),
+            "--runtime",
+            "no-such-oci-runtime",
+            "--",
+            "true",
+        ],
+        "not found",
+    );
+    fails_with(
+        &["container", "--image", s(&rootfs), "--memory", "lots"],
+        "not a size",
+    );
+    fails_with(
+        &["container", "--image", s(&rootfs), "--name", "a/b"],
+        "not a container name",
+    );
+    fails_with(&["container", "--", "true"], "--image");
+}
+
+/// A minimal OCI image layout in `dir`: one uncompressed layer with the
+/// given (path, content) entries, written as raw tar headers so that
+/// hostile paths survive, and a config with `cmd` (none if empty).
+/// Returns the layer blob's path.
+fn tiny_layout(dir: &std::path::Path, entries: &[(&str, &[u8])], cmd: &[&str]) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    let sha = |b: &[u8]| {
+        let d = Sha256::digest(b);
+        format!(
+            "sha256:{}",
+            d.iter().map(|x| format!("{x:02x}")).collect::<String>()
+        )
+    };
+    let _ = std::fs::remove_dir_all(dir);
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |b: &[u8]| {
+        let d = sha(b);
+        let p = blobs.join(&d[7..]);
+        std::fs::write(&p, b).unwrap();
+        (d, p)
+    };
+    let mut tar = tar::Builder::new(Vec::new());
+    for (path, data) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.as_old_mut().name[..path.len()].copy_from_slice(path.as_bytes());
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_cksum();
+        tar.append(&h, *data).unwrap();
+    }
+    let layer = tar.into_inner().unwrap();
+    let (layer_digest, layer_path) = put(&layer);
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "config": if cmd.is_empty() { serde_json::json!({}) } else { serde_json::json!({"Cmd": cmd}) },
+        "rootfs": {"type": "layers", "diff_ids": [layer_digest]}
+    }))
+    .unwrap();
+    let (config_digest, _) = put(&config);
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": config_digest, "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": layer_digest, "size": layer.len()}]
+    }))
+    .unwrap();
+    let (manifest_digest, _) = put(&manifest);
+    std::fs::write(
+        dir.join("index.json"),
+        serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "manifests": [
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json",
+             "digest": manifest_digest, "size": manifest.len()}]}))
+        .unwrap(),
+    )
+    .unwrap();
+    layer_path
+}
+
+/// `vmlab run --image` with bad images: status 125 and a message naming
+/// the problem, before any guest is built (the kernel does not even
+/// exist), and nothing written outside the cache.
+#[test]
+fn run_image_errors() {
+    let cache = scratch("image-cache");
+    let image_fails = |image: &std::path::Path, extra: &[&str], needle: &str| {
+        let mut cmd = vmlab();
+        cmd.env("XDG_CACHE_HOME", &cache)
+            .args(["run", "--kernel", "/nonexistent/vmlinux", "--image"])
+            .arg(image)
+            .args(extra);
+        let run = run_with_deadline(cmd, LIMIT);
+        assert_eq!(run.code(), Some(125), "{}", run.dump());
+        assert!(!run.stderr.contains("panicked"), "{}", run.dump());
+        assert!(
+            run.stderr.contains("vmlab: error:") && run.stderr.contains(needle),
+            "expected '{needle}'\n{}",
+            run.dump()
+        );
+    };
+    image_fails(
+        std::path::Path::new("/nonexistent/image"),
+        &["--", "true"],
+        "/nonexistent/image: No such file",
+    );
+    let text = scratch("not-an-image.txt");
+    std::fs::write(&text, "hello\n".repeat(200)).unwrap();
+    image_fails(&text, &["--", "true"], "not an image");
+
+    let layout = scratch("corrupt-layout");
+    let layer = tiny_layout(&layout, &[("bin/x", b"x")], &["/bin/x"]);
+    let mut bytes = std::fs::read(&layer).unwrap();
+    bytes[512] ^= 1;
+    std::fs::write(&layer, bytes).unwrap();
+    image_fails(&layout, &["--", "true"], "digest mismatch");
+
+    let layout = scratch("missing-blob");
+    let layer = tiny_layout(&layout, &[("bin/x", b"x")], &["/bin/x"]);
+    std::fs::remove_file(layer).unwrap();
+    image_fails(&layout, &["--", "true"], "is missing from the image");
+
+    let layout = scratch("escaping-layer");
+    tiny_layout(&layout, &[("../escaped-by-layer", b"x")], &["/bin/x"]);
+    image_fails(&layout, &["--", "true"], "`..` component");
+    assert!(!scratch("escaped-by-layer").exists());
+    assert!(!layout.parent().unwrap().join("escaped-by-layer").exists());
+
+    let layout = scratch("no-cmd");
+    tiny_layout(&layout, &[("bin/x", b"x")], &[]);
+    image_fails(&layout, &[], "no Entrypoint or Cmd");
+
+    // --image replaces the initramfs: both is a usage error.
+    let mut cmd = vmlab();
+    cmd.args([
+        "run", "--kernel", "k", "--image", "i", "--initrd", "r", "--", "true",
+    ]);
+    let run = run_with_deadline(cmd, LIMIT);
+    assert_eq!(run.code(), Some(2), "{}", run.dump());
+    assert!(run.stderr.contains("cannot be used with"), "{}", run.dump());
+}

@@ -9,6 +9,7 @@ pub mod bus;
 pub mod i8042;
 pub mod serial;
 pub mod status;
+pub mod tap;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice};

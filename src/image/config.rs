@@ -32,6 +32,23 @@ impl ImageConfig {
         self.entrypoint.iter().chain(tail).cloned().collect()
     }
 
+    /// The process part of an OCI image config (`config` may be absent:
+    /// an image that sets nothing runs with the defaults). Empty strings
+    /// mean "not set", as docker treats them.
+    pub(crate) fn from_oci(config: Option<&oci_spec::image::Config>) -> ImageConfig {
+        let Some(c) = config else {
+            return ImageConfig::default();
+        };
+        let non_empty = |s: &Option<String>| s.clone().filter(|s| !s.is_empty());
+        ImageConfig {
+            entrypoint: c.entrypoint().clone().unwrap_or_default(),
+            cmd: c.cmd().clone().unwrap_or_default(),
+            env: c.env().clone().unwrap_or_default(),
+            working_dir: non_empty(c.working_dir()),
+            user: non_empty(c.user()),
+        }
+    }
+
     /// The working directory, `/` when the image sets none.
     pub fn working_dir(&self) -> &str {
         match self.working_dir.as_deref() {
@@ -63,7 +80,10 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(c.process_args(&s(&["uname", "-r"])), s(&["uname", "-r"]));
-        assert_eq!(ImageConfig::default().process_args(&[]), Vec::<String>::new());
+        assert_eq!(
+            ImageConfig::default().process_args(&[]),
+            Vec::<String>::new()
+        );
     }
 
     #[test]

@@ -20,6 +20,7 @@ mod net;
 mod prng;
 mod sha256;
 mod start;
+mod transfer;
 #[cfg(test)]
 mod testutil;
 
@@ -51,6 +52,12 @@ usage: vmlab-workload SUBCOMMAND [OPTIONS]
   net-client --host IP [--port P] [--seconds S] [--rtt-count N] [--timeout T]
                                 send for S seconds (default 5), then N 1-byte round trips
                                 (default 1000); T: connect window and I/O timeout (default 10)
+  net-send --host IP [--port P] [--bytes N] [--timeout T]
+                                send N bytes (default 64M) of the fixed data stream over one TCP
+                                connection (port 7431) and print their SHA-256
+  net-recv [--port P] [--bind ADDR] [--timeout S]
+                                receive one net-send connection to its end (port 7431, address
+                                127.0.0.1; ready line on stderr) and print the SHA-256 of the bytes
 
   --help, --version
 
@@ -77,6 +84,8 @@ fn workload(name: &str) -> Option<Workload> {
         "disk" => (&disk::SPEC, disk::run),
         "net-server" => (&net::SERVER_SPEC, net::run_server),
         "net-client" => (&net::CLIENT_SPEC, net::run_client),
+        "net-send" => (&transfer::SEND_SPEC, transfer::run_send),
+        "net-recv" => (&transfer::RECV_SPEC, transfer::run_recv),
         _ => return None,
     })
 }
@@ -161,7 +170,16 @@ mod tests {
 
     #[test]
     fn every_subcommand_is_dispatched() {
-        for name in ["start", "cpu", "mem", "disk", "net-server", "net-client"] {
+        for name in [
+            "start",
+            "cpu",
+            "mem",
+            "disk",
+            "net-server",
+            "net-client",
+            "net-send",
+            "net-recv",
+        ] {
             let (spec, _) = workload(name).unwrap();
             assert_eq!(spec.command, name);
         }

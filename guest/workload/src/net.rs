@@ -160,7 +160,7 @@ fn port(args: &Parsed, min: u64) -> Result<u16, Error> {
     Ok(args.u64_in("--port", u64::from(DEFAULT_PORT), min, 65535)? as u16)
 }
 
-fn mib(bytes: u64) -> f64 {
+pub(crate) fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1u64 << 20) as f64
 }
 
@@ -171,7 +171,7 @@ fn mib(bytes: u64) -> f64 {
 /// a minimal guest or another distribution's container does not have, and
 /// it adds 200 KB to a binary copied under emulation. Scripts pass the
 /// address of the host, the container or the guest.
-fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, Error> {
+pub(crate) fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, Error> {
     let ip = match host {
         "localhost" => IpAddr::V4(Ipv4Addr::LOCALHOST),
         _ => host.parse().map_err(|_| crate::args::ArgError::BadValue {
@@ -184,7 +184,7 @@ fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, Error> {
 }
 
 /// Time left until `deadline`, or a timeout error naming `what`.
-fn remaining(deadline: Instant, what: &str) -> Result<Duration, Error> {
+pub(crate) fn remaining(deadline: Instant, what: &str) -> Result<Duration, Error> {
     let left = deadline.saturating_duration_since(Instant::now());
     if left.is_zero() {
         return Err(Error::Failed(format!("timed out {what}")));
@@ -194,7 +194,7 @@ fn remaining(deadline: Instant, what: &str) -> Result<Duration, Error> {
 
 /// Maps a read/write timeout (EAGAIN/ETIMEDOUT from SO_RCVTIMEO) to a
 /// readable error.
-fn net_error(what: &str, err: io::Error) -> Error {
+pub(crate) fn net_error(what: &str, err: io::Error) -> Error {
     match err.kind() {
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
             Error::Failed(format!("timed out {what}"))
@@ -277,7 +277,7 @@ pub fn serve(listener: &TcpListener, deadline: Instant) -> Result<ServerReport, 
 
 /// Accepts one connection before `deadline` (poll, since accept itself has
 /// no timeout), in blocking mode.
-fn accept(listener: &TcpListener, deadline: Instant) -> Result<TcpStream, Error> {
+pub(crate) fn accept(listener: &TcpListener, deadline: Instant) -> Result<TcpStream, Error> {
     listener
         .set_nonblocking(true)
         .context(|| "set non-blocking mode".into())?;
@@ -342,7 +342,7 @@ fn expect_hello(conn: &mut TcpStream, phase: u8) -> Result<(), Error> {
 }
 
 /// Connects, retrying while nothing listens yet, until `deadline`.
-fn connect(addrs: &[SocketAddr], deadline: Instant) -> Result<TcpStream, Error> {
+pub(crate) fn connect(addrs: &[SocketAddr], deadline: Instant) -> Result<TcpStream, Error> {
     let mut last_err = None;
     loop {
         for addr in addrs {

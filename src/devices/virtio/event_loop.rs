@@ -56,6 +56,14 @@ pub enum Error {
         /// Why.
         source: io::Error,
     },
+    /// epoll_ctl refused to change the fd's interest.
+    #[error("cannot change the interest of fd {fd} in the virtio event loop: {source}")]
+    Modify {
+        /// The fd.
+        fd: RawFd,
+        /// Why.
+        source: io::Error,
+    },
     /// The thread could not be started.
     #[error("cannot start the virtio thread: {0}")]
     Spawn(#[source] io::Error),
@@ -222,6 +230,29 @@ impl EventLoopHandle {
             return Err(Error::Register { fd, source });
         }
         Ok(Registration { id, fd })
+    }
+
+    /// Turns a registration's interest in readability on or off, without
+    /// forgetting it: a device that cannot take more input (virtio-net
+    /// with no receive buffers) leaves its fd alone until it can. epoll
+    /// still reports errors and hang-ups of an fd whose interest is off.
+    pub fn set_readable(&self, registration: &Registration, readable: bool) -> Result<(), Error> {
+        let events = if readable {
+            EventSet::IN
+        } else {
+            EventSet::empty()
+        };
+        self.shared
+            .epoll
+            .ctl(
+                ControlOperation::Modify,
+                registration.fd,
+                EpollEvent::new(events, registration.id),
+            )
+            .map_err(|source| Error::Modify {
+                fd: registration.fd,
+                source,
+            })
     }
 
     /// Stops calling the registration's handler. An event the loop has

@@ -471,6 +471,7 @@ impl MmioTransport {
                 })
             })
             .collect();
+        self.device.ack_features(self.driver_features);
         let result = queues.and_then(|queues| {
             self.device
                 .activate(self.mem.clone(), queues, self.interrupt.clone())

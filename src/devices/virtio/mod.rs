@@ -4,7 +4,9 @@
 //!
 //! - [`VirtioDevice`] (here): what a device model (block, later net or
 //!   vsock) provides to a transport: its type, feature bits, configuration
-//!   space, and what to do when the driver starts or resets it.
+//!   space, and what to do when the driver starts or resets it. Block
+//!   ([`block`]) and net ([`net`], on a host TAP: [`crate::devices::tap`])
+//!   implement it.
 //! - [`mmio::MmioTransport`]: the virtio-mmio register window (version 2,
 //!   "modern", only). It runs on vCPU threads, answers register accesses,
 //!   negotiates features and, when the driver sets DRIVER_OK, hands the
@@ -23,11 +25,13 @@
 //! lock while it runs a handler, and workers never lock the transport
 //! (the [`Interrupt`] is lock-free), so there is no lock cycle.
 //!
-//! [`create_block_device`] is the integration point the VM builder calls.
+//! [`create_block_device`] and [`create_net_device`] are the integration
+//! points the VM builder calls.
 
 pub mod block;
 pub mod event_loop;
 pub mod mmio;
+pub mod net;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
@@ -39,6 +43,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub use block::{Block, BlockConfig, BlockError, BlockHandle, BlockStats};
 pub use event_loop::{EventHandler, EventLoop, EventLoopHandle, EventLoopThread};
 pub use mmio::{kernel_cmdline_device, MmioTransport, QUEUE_NOTIFY_OFFSET};
+pub use net::{MacAddr, Net, NetConfig, NetHandle, NetStats};
 
 /// Feature bit: the device follows virtio 1.0 or later ("modern"). The
 /// only kind of device the version-2 MMIO transport may present.
@@ -47,6 +52,8 @@ pub const VIRTIO_F_VERSION_1: u32 = 32;
 /// and interrupts (virtio 1.x 2.7.10).
 pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
 
+/// Virtio device ID of a network device.
+pub const VIRTIO_ID_NET: u32 = 1;
 /// Virtio device ID of a block device.
 pub const VIRTIO_ID_BLOCK: u32 = 2;
 
@@ -225,6 +232,13 @@ pub trait VirtioDevice: Send {
     /// [`VIRTIO_F_VERSION_1`].
     fn features(&self) -> u64;
 
+    /// The features the driver accepted (a subset of
+    /// [`features`](Self::features)), told just before
+    /// [`activate`](Self::activate). Devices whose behaviour depends on
+    /// them (virtio-net: receive offloads, mergeable buffers) keep them;
+    /// the default ignores them.
+    fn ack_features(&mut self, _features: u64) {}
+
     /// Reads the device-specific configuration space at `offset`. Bytes
     /// past its end read as zero.
     fn read_config(&self, offset: u64, data: &mut [u8]);
@@ -274,12 +288,24 @@ pub struct BlockDeviceSetup {
     pub disk: BlockHandle,
 }
 
+/// A virtio-net device on virtio-mmio, and the handle the VMM keeps for
+/// its statistics.
+pub struct NetDeviceSetup {
+    /// The transport and its file descriptors.
+    pub device: MmioDeviceSetup,
+    /// Name, MAC and counters.
+    pub net: NetHandle,
+}
+
 /// Errors creating a device.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The disk image could not be used.
     #[error(transparent)]
     Block(#[from] BlockError),
+    /// The TAP device could not be used.
+    #[error(transparent)]
+    Tap(#[from] crate::devices::tap::TapError),
     /// An eventfd could not be created or duplicated.
     #[error("virtio device {what}: {source}")]
     EventFd {
@@ -315,26 +341,53 @@ pub fn create_block_device(
 ) -> Result<BlockDeviceSetup, Error> {
     let block = Block::open(config, event_loop.clone())?;
     let disk = block.handle();
+    let device = mmio_setup(Box::new(block), mem, irq)?;
+    Ok(BlockDeviceSetup { device, disk })
+}
+
+/// Opens the TAP of `config` and puts a virtio-net device on a
+/// virtio-mmio transport, wired like [`create_block_device`]. `index` is
+/// the device's position among the VM's network devices (it varies the
+/// default MAC).
+pub fn create_net_device(
+    config: &NetConfig,
+    index: usize,
+    mem: GuestMemoryMmap,
+    event_loop: &EventLoopHandle,
+    irq: EventFd,
+) -> Result<NetDeviceSetup, Error> {
+    let net = Net::open(config, index, event_loop.clone())?;
+    let handle = net.handle();
+    let device = mmio_setup(Box::new(net), mem, irq)?;
+    Ok(NetDeviceSetup {
+        device,
+        net: handle,
+    })
+}
+
+/// The transport for `device` and the fds the VM builder registers with
+/// KVM.
+fn mmio_setup(
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemoryMmap,
+    irq: EventFd,
+) -> Result<MmioDeviceSetup, Error> {
     let irq_fd = irq.try_clone().map_err(|source| Error::EventFd {
         what: "irq eventfd",
         source,
     })?;
-    let transport =
-        MmioTransport::new(Box::new(block), mem, irq).map_err(|source| Error::EventFd {
-            what: "queue eventfd",
-            source,
-        })?;
+    let transport = MmioTransport::new(device, mem, irq).map_err(|source| Error::EventFd {
+        what: "queue eventfd",
+        source,
+    })?;
     let notify_fds = transport.notify_fds().map_err(|source| Error::EventFd {
         what: "queue eventfd",
         source,
     })?;
-    Ok(BlockDeviceSetup {
-        device: MmioDeviceSetup {
-            transport: Arc::new(std::sync::Mutex::new(transport)),
-            notify_fds,
-            irq_fd,
-        },
-        disk,
+    Ok(MmioDeviceSetup {
+        transport: Arc::new(std::sync::Mutex::new(transport)),
+        notify_fds,
+        irq_fd,
     })
 }
 
