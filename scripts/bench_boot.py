@@ -78,21 +78,31 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
-def run_until(argv, timeout, check):
+def run_until(argv, timeout, check, every=None):
     """Spawns a VMM and feeds everything it has printed so far, with its
-    start time and pid, to `check(out_text, start, pid)` until that returns
-    a result; then stops the VMM. Returns (result, stderr text)."""
+    start time (time.monotonic()) and pid, to `check(out_text, start, pid)`
+    until that returns a result; then stops the VMM. `every`: (seconds,
+    callback); `callback(start, pid)` also runs about that often while the
+    VMM runs (scripts/bench.py looks for kernel trace events this way).
+    Returns (result, stderr text)."""
     start = time.monotonic()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     out = b""
     result = None
+    interval, tick = every or (1.0, None)
+    ticked = start
+    eof = False
     try:
         while result is None and time.monotonic() - start < timeout:
-            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+            ready, _, _ = select.select([proc.stdout], [], [], min(interval, 1.0))
+            if tick and time.monotonic() - ticked >= interval:
+                ticked = time.monotonic()
+                tick(start, proc.pid)
             if ready:
                 chunk = os.read(proc.stdout.fileno(), 65536)
                 if not chunk:
+                    eof = True
                     break
                 out += chunk
                 result = check(out.decode(errors="replace"), start, proc.pid)
@@ -105,7 +115,8 @@ def run_until(argv, timeout, check):
             _, err = proc.communicate()
     err = err.decode(errors="replace")
     if result is None:
-        raise RuntimeError(f"{argv[0]}: no result within {timeout}s\n{out.decode(errors='replace')[-3000:]}\n{err[-2000:]}")
+        why = f"ended (status {proc.returncode})" if eof else f"no result within {timeout}s"
+        raise RuntimeError(f"{argv[0]}: {why}\n{out.decode(errors='replace')[-3000:]}\n{err[-2000:]}")
     return result, err
 
 

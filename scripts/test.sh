@@ -11,6 +11,8 @@ scripts/build-guest.sh
 # shellcheck source=scripts/lib/apt.sh
 . "$repo/scripts/lib/apt.sh"
 apt_install_missing runc || { echo "test: cannot install runc" >&2; exit 1; }
+# ip (network namespaces, TAP devices, bridges) and ping: tests/net.rs.
+apt_install_missing iproute2 iputils-ping || { echo "test: cannot install iproute2, iputils-ping" >&2; exit 1; }
 echo "test: cargo fmt --check"
 cargo fmt --all -- --check
 echo "test: cargo clippy"

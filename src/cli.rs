@@ -31,6 +31,59 @@ pub enum Command {
     /// Run the same image as a container on the host, through an OCI
     /// runtime (runc or crun); with `-- COMMAND`, run COMMAND in it.
     Container(ContainerArgs),
+    /// Run the image's workload program on the host, as a container and
+    /// as a micro-VM, and report the numbers side by side with the claims
+    /// they test.
+    Compare(CompareArgs),
+}
+
+/// `vmlab compare`.
+#[derive(Debug, Args)]
+pub struct CompareArgs {
+    /// The image, with vmlab-workload in its PATH (e.g.
+    /// target/guest/sample-image).
+    #[arg(long, value_name = "PATH")]
+    pub image: PathBuf,
+    /// Guest kernel (default: target/guest/vmlinux of the tree vmlab was
+    /// built in).
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Launches per environment (medians and spread are over these).
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub repeat: u32,
+    /// Write the report as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Write the report as Markdown to FILE (it is also printed).
+    #[arg(long, value_name = "FILE")]
+    pub markdown: Option<PathBuf>,
+    /// Write an SVG bar chart of the ratios to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub chart: Option<PathBuf>,
+    /// Guest memory of the micro-VM.
+    #[arg(long, short = 'm', value_name = "SIZE", default_value = "256M", value_parser = parse_size)]
+    pub memory: u64,
+    /// OCI runtime for the container (as for `vmlab container`).
+    #[arg(long, value_name = "R", default_value = "auto")]
+    pub runtime: String,
+    /// CPU job: MiB to hash.
+    #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    pub cpu_mib: u64,
+    /// Memory job: MiB per copy (the guest needs twice this).
+    #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    pub mem_mib: u64,
+    /// Disk job: MiB to write and read.
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    pub disk_mib: u64,
+    /// Network job: seconds of sending.
+    #[arg(long, value_name = "S", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub net_seconds: u64,
+    /// Do not measure the network (no namespaces are made).
+    #[arg(long)]
+    pub no_net: bool,
+    /// Longest one launch may take, in seconds, before it is stopped.
+    #[arg(long, value_name = "S", default_value_t = 1200, value_parser = clap::value_parser!(u64).range(10..=86400))]
+    pub timeout: u64,
 }
 
 /// `vmlab container`.
@@ -53,6 +106,10 @@ pub struct ContainerArgs {
     /// Network: none (a namespace with only loopback) or host.
     #[arg(long, value_enum, default_value_t = crate::container::Network::None)]
     pub network: crate::container::Network,
+    /// Join an existing network namespace (e.g. /run/netns/NAME) instead
+    /// of a fresh one.
+    #[arg(long, value_name = "PATH", conflicts_with = "network")]
+    pub netns: Option<PathBuf>,
     /// The command to run in the container, after `--` (replaces the
     /// image's Cmd).
     #[arg(last = true, value_name = "COMMAND")]
@@ -254,6 +311,8 @@ mod tests {
     }
 
     #[test]
+    // `Command` has one variant in some builds (no `container`).
+    #[allow(irrefutable_let_patterns)]
     fn nets() {
         let n = parse_net("tap=t0,mac=02:00:00:aa:bb:cc").unwrap();
         assert_eq!(n.tap, "t0");
@@ -282,7 +341,14 @@ mod tests {
             .contains("not a valid interface name"));
         assert!(parse_net("tap=much-too-long-name").is_err());
         let cli = Cli::try_parse_from([
-            "vmlab", "run", "--kernel", "k", "--net", "tap=a", "--net", "tap=b,mac=02:00:00:00:00:02",
+            "vmlab",
+            "run",
+            "--kernel",
+            "k",
+            "--net",
+            "tap=a",
+            "--net",
+            "tap=b,mac=02:00:00:00:00:02",
         ])
         .unwrap();
         let Command::Run(args) = cli.command else {
@@ -363,5 +429,30 @@ mod tests {
         assert!(Cli::try_parse_from(["vmlab", "container"]).is_err());
         let bad_name = ["vmlab", "container", "--image", "i", "--name", "a/b"];
         assert!(Cli::try_parse_from(bad_name).is_err());
+        let argv = "vmlab container --image i --netns /run/netns/x".split(' ');
+        let Command::Container(args) = Cli::try_parse_from(argv).unwrap().command else {
+            panic!("not container")
+        };
+        assert_eq!(args.netns, Some(PathBuf::from("/run/netns/x")));
+        let both = "vmlab container --image i --netns /x --network host".split(' ');
+        assert!(Cli::try_parse_from(both).is_err());
+    }
+
+    #[test]
+    fn compare_args() {
+        let argv = "vmlab compare --image img --repeat 2 --json r.json --no-net --cpu-mib 4";
+        let Command::Compare(a) = Cli::try_parse_from(argv.split(' ')).unwrap().command else {
+            panic!("not compare")
+        };
+        assert_eq!((a.repeat, a.cpu_mib, a.mem_mib, a.disk_mib), (2, 4, 16, 8));
+        assert!(a.no_net && a.kernel.is_none() && a.markdown.is_none());
+        assert_eq!(a.json, Some(PathBuf::from("r.json")));
+        assert_eq!(a.memory, 256 << 20);
+        assert_eq!(a.runtime, "auto");
+        assert!(Cli::try_parse_from(["vmlab", "compare"]).is_err());
+        for bad in [["--repeat", "0"], ["--repeat", "x"], ["--timeout", "1"]] {
+            let argv = ["vmlab", "compare", "--image", "i", bad[0], bad[1]];
+            assert!(Cli::try_parse_from(argv).is_err(), "{bad:?}");
+        }
     }
 }

@@ -9,6 +9,8 @@
 //! - [`boot`]: loading the kernel and initrd, boot_params.
 //! - [`cmdline`]: the guest kernel command line.
 //! - [`container`]: `vmlab container`, the same image under an OCI runtime.
+//! - [`compare`]: `vmlab compare`, the same workload on the host, in a
+//!   container and in a micro-VM, measured side by side.
 //! - [`devices`]: the emulated devices, one file each.
 //! - [`emulate`]: user-space emulation of instructions a nested KVM rejects.
 //! - [`host`]: host detection and the workarounds a nested KVM needs.
@@ -17,6 +19,7 @@ pub mod arch;
 pub mod boot;
 pub mod cli;
 pub mod cmdline;
+pub mod compare;
 pub mod container;
 pub mod control;
 pub mod devices;

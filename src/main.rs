@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use clap::Parser;
 
-use vmlab::cli::{Cli, Command, ContainerArgs, RunArgs};
+use vmlab::cli::{Cli, Command, CompareArgs, ContainerArgs, RunArgs};
 use vmlab::cmdline::InitParams;
 use vmlab::devices::virtio::BlockConfig;
 use vmlab::host::HostKind;
@@ -24,6 +24,7 @@ fn main() -> ExitCode {
     let started = Instant::now();
     let cli = Cli::parse();
     init_logging(&cli);
+    let quiet = cli.quiet;
     match cli.command {
         Command::Run(args) => match run(args, started) {
             Ok(code) => ExitCode::from(code),
@@ -39,7 +40,56 @@ fn main() -> ExitCode {
                 ExitCode::from(e.exit_code())
             }
         },
+        Command::Compare(args) => match compare(args, !quiet) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vmlab: error: {e}");
+                ExitCode::from(e.exit_code())
+            }
+        },
     }
+}
+
+/// `vmlab compare`: runs the comparison, prints the Markdown report and
+/// writes the files asked for.
+fn compare(args: CompareArgs, progress: bool) -> Result<(), vmlab::compare::Error> {
+    // The command as typed, for the report (arguments with spaces quoted).
+    let command_line = std::env::args()
+        .map(|a| match a.contains([' ', '\'', '"']) {
+            true => format!("'{}'", a.replace('\'', r"'\''")),
+            false => a,
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    let opts = vmlab::compare::CompareOptions {
+        image: args.image,
+        kernel: args.kernel,
+        repeat: args.repeat,
+        vm_memory: args.memory,
+        runtime: args.runtime,
+        sizes: vmlab::compare::rows::Sizes {
+            cpu_mib: args.cpu_mib,
+            mem_mib: args.mem_mib,
+            mem_repeat: 3,
+            disk_mib: args.disk_mib,
+            random_ops: 500,
+            net_seconds: args.net_seconds as f64,
+            rtt_count: 100,
+        },
+        timeout: std::time::Duration::from_secs(args.timeout),
+        network: !args.no_net,
+        progress,
+        command_line,
+    };
+    let report = vmlab::compare::run(&opts)?;
+    let md = vmlab::compare::write_outputs(
+        &report,
+        args.json.as_deref(),
+        args.markdown.as_deref(),
+        args.chart.as_deref(),
+    )?;
+    print!("{md}");
+    Ok(())
 }
 
 fn container_options(args: ContainerArgs) -> vmlab::container::ContainerOptions {
@@ -50,6 +100,7 @@ fn container_options(args: ContainerArgs) -> vmlab::container::ContainerOptions 
         memory: args.memory,
         name: args.name,
         network: args.network,
+        netns: args.netns,
     }
 }
 

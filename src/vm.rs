@@ -347,8 +347,7 @@ impl Vm {
         let mut nets = Vec::new();
         for (i, net) in config.nets.iter().enumerate() {
             let irq = EventFd::new(EFD_NONBLOCK).map_err(host_err("eventfd"))?;
-            let setup =
-                virtio::create_net_device(net, i, mem.clone(), &event_loop.handle(), irq)?;
+            let setup = virtio::create_net_device(net, i, mem.clone(), &event_loop.handle(), irq)?;
             let entry = slots.attach(&vm_fd, &mut mmio, &setup.device)?;
             device_cmdline.push(entry);
             log::debug!(

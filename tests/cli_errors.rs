@@ -240,6 +240,94 @@ fn unwritable_disk_needs_readonly() {
     }
 }
 
+/// Malformed `--net` specifications: usage errors (status 2) naming the
+/// problem.
+#[test]
+fn net_spec_errors() {
+    for (spec, needle) in [
+        ("tap=t0,mac=zz:00:00:00:00:01", "not a MAC address"),
+        ("tap=t0,mac=02:00:00:00:01", "not a MAC address"),
+        ("tap=t0,mac=01:00:5e:00:00:01", "multicast"),
+        ("mac=02:00:00:00:00:01", "tap=NAME is required"),
+        ("tap=a/b", "not a valid interface name"),
+        ("tap=t0,speed=fast", "unknown --net option"),
+    ] {
+        fails_with(&["run", "--kernel", "k", "--net", spec], needle);
+        let mut cmd = vmlab();
+        cmd.args(["run", "--kernel", "k", "--net", spec]);
+        let run = run_with_deadline(cmd, LIMIT);
+        assert_eq!(run.code(), Some(2), "{spec}\n{}", run.dump());
+    }
+}
+
+/// TAP devices vmlab cannot use, in a network namespace of the test's own
+/// (so the names certainly do not exist and nothing on the host is
+/// touched): a missing TAP while vmlab lacks CAP_NET_ADMIN (dropped from
+/// its bounding set, so root is not enough), and a name that is not a TAP.
+/// A clear error and status 125, before the guest starts.
+#[test]
+fn tap_errors() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root for a network namespace");
+        return;
+    }
+    let ns = format!("vmlab-net-cli-{}", std::process::id());
+    let ip = |args: &[&str]| {
+        std::process::Command::new("ip")
+            .args(args)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    assert!(ip(&["netns", "add", &ns]), "ip netns add {ns}");
+    let kernel = guest_dir().join("vmlinux");
+    let in_ns = |prefix: &[&str], net: &str| {
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", &ns])
+            .args(prefix)
+            .arg(env!("CARGO_BIN_EXE_vmlab"))
+            .args(["run", "--kernel"])
+            .arg(&kernel)
+            .args(["--net", net, "--", "true"])
+            .stdin(std::process::Stdio::null());
+        run_with_deadline(cmd, LIMIT)
+    };
+    let result = std::panic::catch_unwind(|| {
+        let run = in_ns(
+            &[
+                "setpriv",
+                "--inh-caps=-net_admin",
+                "--bounding-set=-net_admin",
+                "--",
+            ],
+            "tap=vmlabnope0",
+        );
+        assert_eq!(run.code(), Some(125), "{}", run.dump());
+        assert!(
+            run.stderr.contains(
+                "vmlab: error: tap vmlabnope0: no such device and no permission to create it \
+                 (CAP_NET_ADMIN)"
+            ),
+            "{}",
+            run.dump()
+        );
+        assert!(!run.stderr.contains("panicked"), "{}", run.dump());
+        let run = in_ns(&[], "tap=lo");
+        assert_eq!(run.code(), Some(125), "{}", run.dump());
+        assert!(
+            run.stderr
+                .contains("tap lo: the interface exists but is not a TAP device"),
+            "{}",
+            run.dump()
+        );
+    });
+    ip(&["netns", "delete", &ns]);
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
 /// `vmlab container` with bad input: vmlab's own failure, status 125 (2
 /// for usage errors), before any runtime is started.
 #[test]

@@ -88,6 +88,9 @@ pub struct SpecInput<'a> {
     pub memory_limit: Option<u64>,
     /// Network namespace or the host's network.
     pub network: Network,
+    /// An existing network namespace to join (its path, e.g.
+    /// `/run/netns/NAME`); takes precedence over `network`.
+    pub netns: Option<&'a Path>,
     /// Whether to give the container its own cgroup namespace (the host
     /// kernel has them).
     pub cgroup_namespace: bool,
@@ -154,9 +157,9 @@ pub fn build_spec(input: &SpecInput) -> Result<Spec, Error> {
         LinuxNamespaceType::Uts,
         LinuxNamespaceType::Mount,
     ];
-    if input.network == Network::None {
-        // A fresh network namespace: the runtime brings up its loopback
-        // and nothing else.
+    if input.network == Network::None || input.netns.is_some() {
+        // A fresh network namespace (the runtime brings up its loopback
+        // and nothing else), or the one given, joined by path.
         namespaces.push(LinuxNamespaceType::Network);
     }
     if input.cgroup_namespace {
@@ -164,7 +167,13 @@ pub fn build_spec(input: &SpecInput) -> Result<Spec, Error> {
     }
     let namespaces = namespaces
         .into_iter()
-        .map(|typ| LinuxNamespaceBuilder::default().typ(typ).build())
+        .map(|typ| {
+            let ns = LinuxNamespaceBuilder::default().typ(typ);
+            match input.netns {
+                Some(path) if typ == LinuxNamespaceType::Network => ns.path(path).build(),
+                _ => ns.build(),
+            }
+        })
         .collect::<Result<Vec<_>, _>>()?;
 
     // Deny every device, as Docker does; the runtime then allows its
@@ -646,6 +655,7 @@ mod tests {
             terminal: false,
             memory_limit: None,
             network: Network::None,
+            netns: None,
             cgroup_namespace: true,
         }
     }
@@ -775,6 +785,27 @@ mod tests {
             .iter()
             .any(|n| n["type"] == "network" || n["type"] == "cgroup"));
         assert!(json["linux"]["resources"].get("memory").is_none());
+    }
+
+    #[test]
+    fn joins_an_existing_network_namespace() {
+        let root = rootfs_with_passwd();
+        let image = ImageConfig {
+            cmd: s(&["sh"]),
+            ..Default::default()
+        };
+        let mut inp = input(&image, &[], root.path());
+        inp.netns = Some(Path::new("/run/netns/test"));
+        let json = serde_json::to_value(build_spec(&inp).unwrap()).unwrap();
+        let ns = json["linux"]["namespaces"].as_array().unwrap();
+        let net: Vec<_> = ns.iter().filter(|n| n["type"] == "network").collect();
+        assert_eq!(net.len(), 1, "{ns:?}");
+        assert_eq!(net[0]["path"], "/run/netns/test");
+        // Only the network namespace is joined; the others stay fresh.
+        assert!(ns
+            .iter()
+            .filter(|n| n["type"] != "network")
+            .all(|n| n.get("path").is_none()));
     }
 
     #[test]

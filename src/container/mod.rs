@@ -54,6 +54,10 @@ pub struct ContainerOptions {
     pub name: Option<String>,
     /// Network namespace or host network.
     pub network: Network,
+    /// An existing network namespace to join (e.g. `/run/netns/NAME`)
+    /// instead of a fresh one; `vmlab compare` puts the container on a veth
+    /// pair this way.
+    pub netns: Option<PathBuf>,
 }
 
 /// What can go wrong on the container path.
@@ -216,6 +220,7 @@ pub fn run(opts: &ContainerOptions) -> Result<u8, Error> {
         terminal,
         memory_limit,
         network: opts.network,
+        netns: opts.netns.as_deref(),
         cgroup_namespace: CgroupHost::has_cgroup_namespaces(),
     })?;
 

@@ -494,6 +494,7 @@ mod tests {
             assert_eq!(tap.name(), "vmt0");
             // Up, as vmlab brought it up.
             let mut req = IfReqFlags::new("vmt0", 0);
+            // SAFETY: socket takes no pointers.
             let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
             assert!(sock >= 0);
             // SAFETY: as in set_link_up.

@@ -20,9 +20,9 @@ mod net;
 mod prng;
 mod sha256;
 mod start;
-mod transfer;
 #[cfg(test)]
 mod testutil;
+mod transfer;
 
 use std::ffi::OsString;
 use std::io::Write;

@@ -1540,7 +1540,8 @@ mod tests {
         s.mem.write_slice(&good, GuestAddress(TX_BUF_ADDR)).unwrap();
         let good_len = good.len() as u32;
 
-        let cases: Vec<(&str, Vec<(u64, u32, u16)>)> = vec![
+        type Chain = Vec<(u64, u32, u16)>;
+        let cases: Vec<(&str, Chain)> = vec![
             (
                 "oversized (one byte too many)",
                 vec![(TX_BUF_ADDR, MAX_BUFFER_LEN as u32 + 1, 0)],
