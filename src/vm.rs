@@ -10,6 +10,7 @@
 
 use std::io::Read;
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::thread::JoinHandleExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
@@ -39,6 +40,7 @@ use crate::devices::virtio::{
 };
 use crate::devices::{bus, Bus};
 use crate::host::HostKind;
+use crate::profile::Sampler;
 use crate::stats::ExitStats;
 use crate::vcpu::{self, Vcpu, VcpuContext, STOP_TIMEOUT};
 
@@ -69,6 +71,9 @@ pub struct VmConfig {
     pub forward_stdin: bool,
     /// virtio-blk disks, in order: the first is /dev/vda.
     pub disks: Vec<BlockConfig>,
+    /// Sample the guest's RIP at this interval (`--profile-guest`); the
+    /// samples come back in the run report's statistics.
+    pub profile_period: Option<Duration>,
 }
 
 /// Errors building or running the VM.
@@ -222,6 +227,7 @@ pub struct Vm {
     cmdline: String,
     event_loop: Option<EventLoop>,
     disks: Vec<BlockHandle>,
+    profile_period: Option<Duration>,
 }
 
 impl Vm {
@@ -326,7 +332,10 @@ impl Vm {
         if config.initrd.is_none() {
             if let Some(first) = config.disks.first() {
                 device_cmdline.push("root=/dev/vda".into());
-                device_cmdline.push(if first.readonly { "ro" } else { "rw" }.into());
+                // Linux mounts the root read-only unless told `rw`.
+                if !first.readonly {
+                    device_cmdline.push("rw".into());
+                }
             }
         }
 
@@ -413,6 +422,7 @@ impl Vm {
             host: config.host,
             stop: Arc::new(AtomicBool::new(false)),
             first_run: Arc::new(OnceLock::new()),
+            profile_start: config.profile_period.map(|_| Instant::now()),
         };
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
         for id in 0..config.cpus {
@@ -437,6 +447,7 @@ impl Vm {
             cmdline,
             event_loop: Some(event_loop),
             disks,
+            profile_period: config.profile_period,
         })
     }
 
@@ -468,9 +479,25 @@ impl Vm {
                 .map_err(host_err("spawning a vCPU thread"))?;
             threads.push(handle);
         }
+        // The sampler holds the vCPU threads' ids: it is stopped before
+        // they are joined.
+        let mut sampler = match self.profile_period {
+            Some(period) => Some(
+                Sampler::start(
+                    threads.iter().map(|t| t.as_pthread_t()).collect(),
+                    SIGRTMIN() + KICK_SIGNAL_OFFSET,
+                    period,
+                )
+                .map_err(host_err("spawning the profiler thread"))?,
+            ),
+            None => None,
+        };
 
         let loop_result = self.control_loop(&signals);
         let ended = Instant::now();
+        if let Some(s) = sampler.as_mut() {
+            s.stop();
+        }
         let stats = self.stop_vcpus(threads);
         self.stop_devices(virtio_thread);
         self.serial
@@ -832,6 +859,7 @@ mod tests {
             host: HostKind::Hardware,
             forward_stdin: false,
             disks: Vec::new(),
+            profile_period: None,
         }
     }
 

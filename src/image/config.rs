@@ -63,7 +63,10 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(c.process_args(&s(&["uname", "-r"])), s(&["uname", "-r"]));
-        assert_eq!(ImageConfig::default().process_args(&[]), Vec::<String>::new());
+        assert_eq!(
+            ImageConfig::default().process_args(&[]),
+            Vec::<String>::new()
+        );
     }
 
     #[test]
