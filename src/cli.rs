@@ -136,7 +136,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "STR")]
     pub cmdline: Option<String>,
     /// Guest memory: a number of MiB, or with a unit: 512M, 2G, 1536MiB.
-    #[arg(long, short = 'm', value_name = "SIZE", default_value = "256M", value_parser = parse_size)]
+    /// 128 MiB by default, like QEMU and Firecracker: the guest kernel's
+    /// memory initialisation grows with it (docs/BOOT.md).
+    #[arg(long, short = 'm', value_name = "SIZE", default_value = "128M", value_parser = parse_size)]
     pub memory: u64,
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = parse_cpus)]
@@ -160,6 +162,11 @@ pub struct RunArgs {
     /// Print VM-exit statistics at exit (stderr).
     #[arg(long)]
     pub stats: bool,
+    /// Sample where the guest runs (its RIP, 100 times a second per vCPU)
+    /// and write the samples to FILE; `scripts/guest-profile.py` maps them
+    /// onto the kernel's functions.
+    #[arg(long, value_name = "FILE")]
+    pub profile_guest: Option<PathBuf>,
     /// Host workarounds: detect the host (auto), force the nested-PVM ones
     /// (pvm), or apply none (none).
     #[arg(long, value_enum, default_value_t = QuirksMode::Auto)]
@@ -377,7 +384,7 @@ mod tests {
             panic!("not run")
         };
         assert_eq!(args.cpus, 2);
-        assert_eq!(args.memory, 256 << 20);
+        assert_eq!(args.memory, 128 << 20);
         assert_eq!(args.command, vec!["sh", "-c", "exit 3"]);
     }
 

@@ -26,6 +26,7 @@ pub mod devices;
 pub mod emulate;
 pub mod host;
 pub mod image;
+pub mod profile;
 pub mod stats;
 pub mod terminal;
 pub mod vcpu;

@@ -194,6 +194,10 @@ fn run(args: RunArgs, started: Instant) -> Result<u8, RunError> {
         forward_stdin: true,
         disks,
         nets: args.net,
+        profile_period: args
+            .profile_guest
+            .as_ref()
+            .map(|_| std::time::Duration::from_millis(10)),
     };
     let vm = Vm::build(&config, Box::new(std::io::stdout()))?;
     log::debug!("guest command line: {}", vm.cmdline());
@@ -225,6 +229,18 @@ fn run(args: RunArgs, started: Instant) -> Result<u8, RunError> {
             "vmlab: run time {:.3} s",
             (report.ended - started).as_secs_f64()
         );
+    }
+    if let Some(path) = &args.profile_guest {
+        let mut samples = report.stats.samples.clone();
+        samples.sort_by_key(|s| (s.ms, s.vcpu));
+        match vmlab::profile::write_samples(path, &samples) {
+            Ok(()) => eprintln!(
+                "vmlab: {} guest samples written to {}",
+                samples.len(),
+                path.display()
+            ),
+            Err(e) => eprintln!("vmlab: cannot write {}: {e}", path.display()),
+        }
     }
     if let Some(msg) = report.outcome.failure_message() {
         eprintln!("vmlab: {msg}");

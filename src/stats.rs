@@ -78,6 +78,8 @@ pub struct ExitStats {
     pub by_kind: HashMap<ExitKind, ExitStat>,
     /// Time spent inside KVM_RUN (guest and in-kernel handling).
     pub in_guest: Duration,
+    /// Guest RIP samples (`--profile-guest`), in the order taken.
+    pub samples: Vec<crate::profile::Sample>,
 }
 
 impl ExitStats {
@@ -96,6 +98,7 @@ impl ExitStats {
             s.time += v.time;
         }
         self.in_guest += other.in_guest;
+        self.samples.extend_from_slice(&other.samples);
     }
 
     /// Total exits.

@@ -14,12 +14,13 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_run, Msrs, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::arch::{cpuid, regs};
 use crate::control::{Control, VmEvent};
 use crate::devices::Bus;
 use crate::host::HostKind;
+use crate::profile::{self, Sample};
 use crate::stats::{ExitKind, ExitStats};
 
 /// KVM_INTERNAL_ERROR_EMULATION.
@@ -97,6 +98,9 @@ pub struct VcpuContext {
     pub stop: Arc<AtomicBool>,
     /// When the first KVM_RUN of any vCPU began.
     pub first_run: Arc<OnceLock<Instant>>,
+    /// With `--profile-guest`: the profile's time origin. A kicked vCPU
+    /// then records where the guest was.
+    pub profile_start: Option<Instant>,
 }
 
 /// One vCPU.
@@ -256,11 +260,60 @@ impl Vcpu {
             };
             if kind == ExitKind::Interrupted {
                 self.fd.set_kvm_immediate_exit(0);
+                if let Some(start) = self.ctx.profile_start {
+                    if let Ok(r) = self.fd.get_regs() {
+                        let mut sample = Sample::new(start, self.id, r.rip, r.rflags);
+                        sample.stack = self.stack_return_candidates(r.rsp);
+                        self.stats.samples.push(sample);
+                    }
+                }
             }
             self.stats.record(kind, exited.elapsed());
         }
         KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
         self.stats
+    }
+
+    /// For the guest profiler: the words on the guest's stack at `rsp`
+    /// that look like kernel-text addresses (the "guess" way of
+    /// unwinding: some are stale, most are return addresses). Reads at
+    /// most [`profile::STACK_SCAN_BYTES`] through KVM's page walk; a stack
+    /// that is not mapped gives nothing.
+    fn stack_return_candidates(&self, rsp: u64) -> Vec<u64> {
+        let mut found = Vec::new();
+        let mut addr = rsp & !7;
+        let end = addr.saturating_add(profile::STACK_SCAN_BYTES);
+        while addr < end && found.len() < profile::STACK_MAX_FRAMES {
+            let page_end = (addr | 0xfff).saturating_add(1).min(end);
+            let Ok(t) = self.fd.translate_gva(addr) else {
+                break;
+            };
+            if t.valid == 0 {
+                break;
+            }
+            let mut buf = vec![0u8; (page_end - addr) as usize];
+            if self
+                .ctx
+                .mem
+                .read_slice(&mut buf, GuestAddress(t.physical_address))
+                .is_err()
+            {
+                break;
+            }
+            for w in buf.chunks_exact(8) {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(w);
+                let v = u64::from_le_bytes(b);
+                if profile::looks_like_kernel_text(v) {
+                    found.push(v);
+                    if found.len() == profile::STACK_MAX_FRAMES {
+                        break;
+                    }
+                }
+            }
+            addr = page_end;
+        }
+        found
     }
 
     /// Handles an instruction KVM's emulator rejected. Returns the exit

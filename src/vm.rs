@@ -10,6 +10,7 @@
 
 use std::io::Read;
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::thread::JoinHandleExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
@@ -40,6 +41,7 @@ use crate::devices::virtio::{
 };
 use crate::devices::{bus, Bus};
 use crate::host::HostKind;
+use crate::profile::Sampler;
 use crate::stats::ExitStats;
 use crate::vcpu::{self, Vcpu, VcpuContext, STOP_TIMEOUT};
 
@@ -72,6 +74,9 @@ pub struct VmConfig {
     pub disks: Vec<BlockConfig>,
     /// virtio-net interfaces on host TAP devices, in order: eth0, eth1...
     pub nets: Vec<NetConfig>,
+    /// Sample the guest's RIP at this interval (`--profile-guest`); the
+    /// samples come back in the run report's statistics.
+    pub profile_period: Option<Duration>,
 }
 
 /// Errors building or running the VM.
@@ -269,6 +274,7 @@ pub struct Vm {
     event_loop: Option<EventLoop>,
     disks: Vec<BlockHandle>,
     nets: Vec<NetHandle>,
+    profile_period: Option<Duration>,
 }
 
 impl Vm {
@@ -361,7 +367,10 @@ impl Vm {
         if config.initrd.is_none() {
             if let Some(first) = config.disks.first() {
                 device_cmdline.push("root=/dev/vda".into());
-                device_cmdline.push(if first.readonly { "ro" } else { "rw" }.into());
+                // Linux mounts the root read-only unless told `rw`.
+                if !first.readonly {
+                    device_cmdline.push("rw".into());
+                }
             }
         }
 
@@ -448,6 +457,7 @@ impl Vm {
             host: config.host,
             stop: Arc::new(AtomicBool::new(false)),
             first_run: Arc::new(OnceLock::new()),
+            profile_start: config.profile_period.map(|_| Instant::now()),
         };
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
         for id in 0..config.cpus {
@@ -473,6 +483,7 @@ impl Vm {
             event_loop: Some(event_loop),
             disks,
             nets,
+            profile_period: config.profile_period,
         })
     }
 
@@ -504,9 +515,25 @@ impl Vm {
                 .map_err(host_err("spawning a vCPU thread"))?;
             threads.push(handle);
         }
+        // The sampler holds the vCPU threads' ids: it is stopped before
+        // they are joined.
+        let mut sampler = match self.profile_period {
+            Some(period) => Some(
+                Sampler::start(
+                    threads.iter().map(|t| t.as_pthread_t()).collect(),
+                    SIGRTMIN() + KICK_SIGNAL_OFFSET,
+                    period,
+                )
+                .map_err(host_err("spawning the profiler thread"))?,
+            ),
+            None => None,
+        };
 
         let loop_result = self.control_loop(&signals);
         let ended = Instant::now();
+        if let Some(s) = sampler.as_mut() {
+            s.stop();
+        }
         let stats = self.stop_vcpus(threads);
         self.stop_devices(virtio_thread);
         self.serial
@@ -877,6 +904,7 @@ mod tests {
             forward_stdin: false,
             disks: Vec::new(),
             nets: Vec::new(),
+            profile_period: None,
         }
     }
 
