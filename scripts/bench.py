@@ -430,6 +430,8 @@ class Setup:
                          "host,-arch-capabilities,-invtsc,-kvm-pv-ipi,-kvm-pv-tlb-flush,-kvm-pv-sched-yield",
                          "-m", str(self.memory_mib), "-smp", str(self.cpus), "-nodefaults", "-no-user-config",
                          "-nographic", "-serial", "stdio", "-no-reboot",
+                         # Thread names ("CPU 0/KVM"): the vCPU threads' CPU time apart.
+                         "-name", "vmlab-bench,debug-threads=on",
                          "-kernel", self.kernel, "-append", qemu_cmdline(self.cmdline),
                          "-drive", f"id=root,file={self.rootfs},format=raw,if=none,readonly=on",
                          "-device", "virtio-blk-device,drive=root",

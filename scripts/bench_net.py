@@ -120,7 +120,7 @@ def run_vm(name, args):
         ns.ip("addr", "add", f"{HOST_IP}/24", "dev", "bt0")
         ns.ip("link", "set", "bt0", "up")
         if name == "vmlab":
-            argv = [args.vmlab, "-q", "run", "--kernel", kernel,
+            argv = [args.vmlab, "-q", "run", "--kernel", kernel, "--memory", "256M",
                     "--disk", f"path={rootfs},readonly=on", "--net", "tap=bt0",
                     "--cmdline", ipcfg, "--"] + guest_cmd
         else:

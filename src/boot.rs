@@ -103,6 +103,12 @@ pub enum Error {
     /// The host RNG failed.
     #[error("cannot get random bytes for the guest's RNG seed: {0}")]
     Entropy(std::io::Error),
+    /// The thread that loads the kernel and initrd could not be started.
+    #[error("cannot start the kernel loader thread: {0}")]
+    LoaderThread(std::io::Error),
+    /// The loader thread panicked (a bug; its message is on stderr).
+    #[error("the kernel loader thread panicked")]
+    LoaderPanicked,
 }
 
 type Result<T> = std::result::Result<T, Error>;
@@ -252,6 +258,51 @@ pub fn initrd_placement(
     let top = lowmem_end.min(initrd_addr_max.saturating_add(1));
     let addr = top.checked_sub(size)? & !0xfff;
     (addr >= kernel_end).then_some(addr)
+}
+
+/// A kernel and an initrd on their way into guest memory, on a thread of
+/// their own: copying ~10 MB of kernel into fresh memory (page faults, THP
+/// zeroing, the copy) is the largest piece of CPU work before the first
+/// KVM_RUN, and it needs nothing from KVM, so it runs while the VM's other
+/// parts are created (which mostly wait on the kernel).
+pub struct BackgroundLoad {
+    thread: std::thread::JoinHandle<Result<LoadedImages>>,
+}
+
+/// What [`BackgroundLoad`] produces: the kernel, and the initrd's
+/// (address, size).
+pub type LoadedImages = (LoadedKernel, Option<(u64, u64)>);
+
+impl BackgroundLoad {
+    /// Starts loading `kernel` and `initrd` into `mem`, a handle on the
+    /// VM's guest memory (regions are shared between clones, and the clone
+    /// keeps them mapped for as long as the thread runs). Nothing else may
+    /// write where they go until [`BackgroundLoad::wait`] returns: the VM
+    /// writes its boot structures after it, and no vCPU runs before.
+    pub fn start(
+        mem: GuestMemoryMmap,
+        kernel: PathBuf,
+        initrd: Option<PathBuf>,
+        mem_size: u64,
+    ) -> Result<BackgroundLoad> {
+        let thread = std::thread::Builder::new()
+            .name("vmlab-load".into())
+            .spawn(move || {
+                let loaded = load_kernel(&mem, &kernel)?;
+                let initrd = match &initrd {
+                    Some(path) => Some(load_initrd(&mem, path, &loaded, mem_size)?),
+                    None => None,
+                };
+                Ok((loaded, initrd))
+            })
+            .map_err(Error::LoaderThread)?;
+        Ok(BackgroundLoad { thread })
+    }
+
+    /// Waits for the load to finish.
+    pub fn wait(self) -> Result<LoadedImages> {
+        self.thread.join().map_err(|_| Error::LoaderPanicked)?
+    }
 }
 
 /// Loads the initrd at `path` and returns its (address, size).

@@ -67,7 +67,7 @@ pub struct CompareArgs {
     #[arg(long, value_name = "R", default_value = "auto")]
     pub runtime: String,
     /// CPU job: MiB to hash.
-    #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    #[arg(long, value_name = "N", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=65536))]
     pub cpu_mib: u64,
     /// Memory job: MiB per copy (the guest needs twice this).
     #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=65536))]

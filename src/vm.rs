@@ -303,6 +303,18 @@ impl Vm {
             )));
         }
         let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        // Guest memory, first: KVM_SET_USER_MEMORY_REGION waits for an SRCU
+        // grace period, which is quick on a fresh VM but throttled (several
+        // ms, most of the time to the first KVM_RUN) once the irqchip and
+        // PIT have just registered their devices and waited for their own.
+        let mem = create_memory(config.mem_size)?;
+        let images = boot::BackgroundLoad::start(
+            mem.clone(),
+            config.kernel.clone(),
+            config.initrd.clone(),
+            config.mem_size,
+        )?;
+        register_memory(&vm_fd, &mem)?;
         vm_fd
             .set_tss_address(layout::KVM_TSS_ADDRESS)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
@@ -327,10 +339,6 @@ impl Vm {
                 Err(e) => log::warn!("cannot enable the emulation fallback: {e}"),
             }
         }
-
-        // Guest memory.
-        let mem = create_memory(config.mem_size)?;
-        register_memory(&vm_fd, &mem)?;
 
         // virtio devices: each gets a 4 KiB MMIO window, an IOAPIC pin and
         // a `virtio_mmio.device=` entry on the command line. Their queues
@@ -376,17 +384,13 @@ impl Vm {
 
         // Kernel, initrd, command line and the structures that describe
         // the machine to the kernel.
-        let kernel = boot::load_kernel(&mem, &config.kernel)?;
+        let (kernel, initrd) = images.wait()?;
         log::debug!(
             "kernel {:?}: entry {:#x}, ends at {:#x}",
             kernel.format,
             kernel.entry,
             kernel.end
         );
-        let initrd = match &config.initrd {
-            Some(path) => Some(boot::load_initrd(&mem, path, &kernel, config.mem_size)?),
-            None => None,
-        };
         let cmdline = cmdline::assemble(
             config.host.cmdline_quirks(),
             &device_cmdline,
@@ -771,17 +775,15 @@ fn create_memory(mem_size: u64) -> Result<GuestMemoryMmap> {
         .into_iter()
         .map(|(start, size)| (GuestAddress(start), size as usize))
         .collect();
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::Memory {
+    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::Memory {
         mib: mem_size >> 20,
         reason: e.to_string(),
-    })
-}
-
-fn register_memory(vm_fd: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
-    for (slot, region) in mem.iter().enumerate() {
+    })?;
+    for region in mem.iter() {
         // Transparent huge pages for guest RAM, as QEMU asks for: loading
-        // the kernel and running the guest take far fewer host page faults.
-        // Only a hint: without THP the memory works the same.
+        // the kernel (4 times faster) and running the guest take far fewer
+        // host page faults. Only a hint: without THP the memory works the
+        // same. Given before anything touches the memory.
         // SAFETY: the range is exactly this region's live mapping; MADV_HUGEPAGE
         // changes no contents.
         let rc = unsafe {
@@ -797,6 +799,12 @@ fn register_memory(vm_fd: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
                 std::io::Error::last_os_error()
             );
         }
+    }
+    Ok(mem)
+}
+
+fn register_memory(vm_fd: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
+    for (slot, region) in mem.iter().enumerate() {
         let region_desc = kvm_userspace_memory_region {
             slot: slot as u32,
             flags: 0,

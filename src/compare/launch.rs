@@ -66,6 +66,8 @@ pub struct LaunchSpec {
     pub cwd: Option<PathBuf>,
     /// A network namespace to join before it executes.
     pub netns: Option<PathBuf>,
+    /// Variables added to its environment.
+    pub env: Vec<(OsString, OsString)>,
 }
 
 /// A line of output, with when it arrived.
@@ -113,6 +115,7 @@ impl Launched {
         if let Some(dir) = &spec.cwd {
             cmd.current_dir(dir);
         }
+        cmd.envs(spec.env.iter().map(|(k, v)| (k, v)));
         // Opened here, in the parent: between fork and exec only system
         // calls on descriptors that already exist are safe.
         let ns = spec.netns.as_deref().map(netns::open_ns).transpose()?;

@@ -157,11 +157,14 @@ impl Progress {
 struct RunCtx<'a> {
     opts: &'a CompareOptions,
     exe: PathBuf,
+    /// The guest kernel: the copy every VM launch boots.
     kernel: PathBuf,
+    /// The copy of vmlab-init every VM launch uses, if there is one.
+    init: Option<PathBuf>,
     /// The image's vmlab-workload as a host path.
     workload: PathBuf,
     /// The host's working directory (its disk workload writes there).
-    scratch: PathBuf,
+    host_cwd: PathBuf,
     net: Option<&'a TestNet>,
     progress: &'a Progress,
 }
@@ -190,7 +193,18 @@ pub fn run(opts: &CompareOptions) -> Result<Report, Error> {
         image: opts.image.clone(),
         searched: path_dirs(&config).join(", "),
     })?;
-    let ext4 = crate::image::find_init()
+    // A comparison takes many minutes, and the build tree may be rebuilt
+    // meanwhile: every VM launch boots private copies of the kernel and
+    // the init taken now (the disk is cached by the init's digest, so the
+    // copy finds the disk built here).
+    let scratch = ScratchDir::create()?;
+    let pinned_kernel = scratch.pin(&kernel, "vmlinux")?;
+    let init = crate::image::find_init();
+    let pinned_init = match &init {
+        Ok(p) => Some(scratch.pin(p, "vmlab-init")?),
+        Err(_) => None,
+    };
+    let ext4 = init
         .and_then(|init| crate::image::prepare_ext4(&opts.image, &init))
         .map(|(disk, _)| disk)
         .map_err(|e| e.to_string());
@@ -214,13 +228,13 @@ pub fn run(opts: &CompareOptions) -> Result<Report, Error> {
         )),
         Err(why) => progress.say(&format!("network rows will not be measured: {why}")),
     }
-    let scratch = ScratchDir::create()?;
     let ctx = RunCtx {
         opts,
         exe,
-        kernel: kernel.clone(),
+        kernel: pinned_kernel,
+        init: pinned_init,
         workload,
-        scratch: scratch.0.clone(),
+        host_cwd: scratch.work(),
         net: net.as_ref().ok(),
         progress: &progress,
     };
@@ -504,10 +518,11 @@ fn launch_spec(ctx: &RunCtx, env: Env, script: &str) -> LaunchSpec {
             program: "/bin/sh".into(),
             arg0: None,
             args: vec![os("-c"), os(script)],
-            cwd: Some(ctx.scratch.clone()),
+            cwd: Some(ctx.host_cwd.clone()),
             // The host's server listens in the server namespace, where the
             // container's will; the other workloads do not use the network.
             netns: ctx.net.map(TestNet::srv_path),
+            env: Vec::new(),
         },
         Env::Container => {
             let mut args = vec![
@@ -528,6 +543,7 @@ fn launch_spec(ctx: &RunCtx, env: Env, script: &str) -> LaunchSpec {
                 args,
                 cwd: None,
                 netns: None,
+                env: Vec::new(),
             }
         }
         Env::Vm => {
@@ -556,6 +572,12 @@ fn launch_spec(ctx: &RunCtx, env: Env, script: &str) -> LaunchSpec {
                 arg0: Some(ctx.exe.clone().into_os_string()),
                 args,
                 cwd: None,
+                // vmlab's variable for its guest init (src/image/init.rs).
+                env: ctx
+                    .init
+                    .iter()
+                    .map(|p| (OsString::from("VMLAB_INIT"), p.clone().into_os_string()))
+                    .collect(),
                 // The VMM runs where its TAP is, next to the client.
                 netns: ctx.net.map(TestNet::peer_path),
             }
@@ -592,6 +614,7 @@ fn run_client(ctx: &RunCtx, net: &TestNet, env: Env) -> Result<Value, String> {
         arg0: None,
         cwd: None,
         netns: Some(net.peer_path()),
+        env: Vec::new(),
     };
     let mut client =
         Launched::spawn(&spec, None).map_err(|e| format!("net-client could not start: {e}"))?;
@@ -666,21 +689,39 @@ fn find_workload(rootfs: &Path, config: &ImageConfig) -> Option<PathBuf> {
     })
 }
 
-/// A scratch directory for the host's disk workload, on the host file
-/// system where container bundles go (the temporary directory); removed
-/// when dropped.
+/// A scratch directory in the temporary directory (the host file system
+/// where container bundles go too): `work/` for the host's disk workload,
+/// and the pinned kernel and init; removed when dropped.
 struct ScratchDir(PathBuf);
 
 impl ScratchDir {
     fn create() -> Result<ScratchDir, Error> {
         let dir = std::env::temp_dir().join(format!("vmlab-compare-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
-        fs::create_dir(&dir).map_err(|source| Error::Io {
+        // Made as a guard first, so that a failure below removes it.
+        let scratch = ScratchDir(dir);
+        let work = scratch.work();
+        fs::create_dir_all(&work).map_err(|source| Error::Io {
             what: "creating",
-            path: dir.clone(),
+            path: work,
             source,
         })?;
-        Ok(ScratchDir(dir))
+        Ok(scratch)
+    }
+
+    fn work(&self) -> PathBuf {
+        self.0.join("work")
+    }
+
+    /// A private copy of `file` named `name`.
+    fn pin(&self, file: &Path, name: &str) -> Result<PathBuf, Error> {
+        let dest = self.0.join(name);
+        fs::copy(file, &dest).map_err(|source| Error::Io {
+            what: "copying",
+            path: file.to_path_buf(),
+            source,
+        })?;
+        Ok(dest)
     }
 }
 
@@ -850,7 +891,7 @@ fn setup_lines(opts: &CompareOptions, kernel: &Path, runs: &[RunRecord]) -> Vec<
     vec![
         format!("Image: `{}`; workload program: its `vmlab-workload`.", opts.image.display()),
         format!(
-            "Micro-VM: `vmlab run --image`, guest kernel `{}` (Linux {guest_release}), {} RAM, 1 vCPU, root disk virtio-blk, network virtio-net on a TAP.",
+            "Micro-VM: `vmlab run --image`, guest kernel `{}` (Linux {guest_release}; it and vmlab-init are copied at the start, so every launch boots the same bits even if the tree is rebuilt meanwhile), {} RAM, 1 vCPU, root disk virtio-blk, network virtio-net on a TAP.",
             kernel.display(),
             Unit::Bytes.format(opts.vm_memory as f64)
         ),
