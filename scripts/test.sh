@@ -13,6 +13,9 @@ scripts/build-guest.sh
 apt_install_missing runc || { echo "test: cannot install runc" >&2; exit 1; }
 # ip (network namespaces, TAP devices, bridges) and ping: tests/net.rs.
 apt_install_missing iproute2 iputils-ping || { echo "test: cannot install iproute2, iputils-ping" >&2; exit 1; }
+# QEMU: the peer tests/bench.rs runs scripts/bench.py against (it reports
+# the QEMU figures as "not installed" without it).
+apt_install_missing qemu-system-x86 || { echo "test: cannot install qemu-system-x86" >&2; exit 1; }
 echo "test: cargo fmt --check"
 cargo fmt --all -- --check
 echo "test: cargo clippy"

@@ -592,6 +592,15 @@ mod tests {
     }
 
     #[test]
+    fn background_load_reports_errors() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        let load =
+            BackgroundLoad::start(mem, PathBuf::from("/nonexistent/vmlinux"), None, 64 << 20)
+                .unwrap();
+        assert!(matches!(load.wait(), Err(Error::KernelFile { .. })));
+    }
+
+    #[test]
     fn loading_rejects_garbage_files() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
         let dir = std::env::temp_dir().join(format!("vmlab-boot-test-{}", std::process::id()));

@@ -308,6 +308,9 @@ impl Vm {
         // ms, most of the time to the first KVM_RUN) once the irqchip and
         // PIT have just registered their devices and waited for their own.
         let mem = create_memory(config.mem_size)?;
+        // The kernel and initrd go into it on a thread of their own while
+        // the rest of the machine is set up; joined before the boot
+        // structures are written.
         let images = boot::BackgroundLoad::start(
             mem.clone(),
             config.kernel.clone(),
