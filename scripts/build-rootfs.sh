@@ -41,7 +41,12 @@ rm -f "$tmp"
 truncate -s "${size_mib}M" "$tmp"
 # No lazy initialization: the guest kernel would otherwise spend its first
 # seconds zeroing inode tables and the journal in the background.
-mkfs.ext4 -q -F -L vmlab-root -d "$tree" \
+# 4 KiB blocks (one block group), no journal and no metadata checksums: the
+# guest kernel's mount then reads and checks one group descriptor instead
+# of eight, without a journal to load, which saved about 0.4 s of boot on
+# the nested-KVM host (docs/BOOT.md). The image is the read-only root of
+# the demo and the tests; build-rootfs.sh rebuilds it when it was modified.
+mkfs.ext4 -q -F -L vmlab-root -d "$tree" -b 4096 -O ^has_journal,^metadata_csum \
   -E lazy_itable_init=0,lazy_journal_init=0 "$tmp"
 mv "$tmp" "$out"
 echo "$stamp $(image_state)" > "$out.stamp"
