@@ -30,7 +30,7 @@ if [ -f "$repo/guest/workload/Cargo.toml" ]; then
 fi
 # Content, not mtimes: the tree's mtimes are fixed for reproducibility.
 stamp="$(cd "$tree" && { find . -printf '%p %m %U %G %l\n'; find . -type f -exec sha256sum {} +; } \
-  | LC_ALL=C sort | sha256sum | cut -c1-16)-$size_mib"
+  | LC_ALL=C sort | sha256sum | cut -c1-16)-$size_mib-4k-nojournal"
 image_state() { stat -c '%Y.%s' "$out" 2>/dev/null || echo none; }
 if [ -f "$out" ] && [ "$(cat "$out.stamp" 2>/dev/null)" = "$stamp $(image_state)" ]; then
   log "$out is up to date"
