@@ -1204,9 +1204,7 @@ fn parse<'a>(
 mod tests {
     use super::*;
     use crate::devices::virtio::event_loop::EventLoop;
-    use crate::devices::virtio::test_utils::{TempFile, XorShift};
-    use virtio_queue::desc::RawDescriptor;
-    use virtio_queue::mock::MockSplitQueue;
+    use crate::devices::virtio::test_utils::{MockDriver, TempFile, XorShift};
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     const NEXT: u16 = 1;
@@ -1240,64 +1238,32 @@ mod tests {
         }
     }
 
-    /// The driver side: a mock split queue plus helpers to submit chains.
+    /// The driver side: the shared mock queue driver plus the block
+    /// request helpers.
     struct Driver<'a> {
         mem: &'a GuestMemoryMmap,
-        vq: MockSplitQueue<'a, GuestMemoryMmap>,
-        size: u16,
-        next_desc: u16,
-        avail: u16,
+        queue_driver: MockDriver<'a>,
+    }
+
+    impl<'a> std::ops::Deref for Driver<'a> {
+        type Target = MockDriver<'a>;
+        fn deref(&self) -> &MockDriver<'a> {
+            &self.queue_driver
+        }
+    }
+
+    impl std::ops::DerefMut for Driver<'_> {
+        fn deref_mut(&mut self) -> &mut Self::Target {
+            &mut self.queue_driver
+        }
     }
 
     impl<'a> Driver<'a> {
         fn new(mem: &'a GuestMemoryMmap, size: u16) -> Self {
             Driver {
                 mem,
-                vq: MockSplitQueue::create(mem, GuestAddress(QUEUE_ADDR), size),
-                size,
-                next_desc: 0,
-                avail: 0,
+                queue_driver: MockDriver::new(mem, QUEUE_ADDR, size),
             }
-        }
-
-        fn queue(&self) -> Queue {
-            self.vq.create_queue().unwrap()
-        }
-
-        fn store(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
-            self.vq
-                .desc_table()
-                .store(
-                    index,
-                    RawDescriptor::from(Descriptor::new(addr, len, flags, next)),
-                )
-                .unwrap();
-        }
-
-        fn publish(&mut self, head: u16) {
-            self.vq
-                .avail()
-                .ring()
-                .ref_at(usize::from(self.avail % self.size))
-                .unwrap()
-                .store(head);
-            self.avail = self.avail.wrapping_add(1);
-            self.vq.avail().idx().store(self.avail);
-        }
-
-        /// Submits a chain of (addr, len, flags) linked in order; NEXT is
-        /// added to all but the last. Returns the head index.
-        fn submit(&mut self, descs: &[(u64, u32, u16)]) -> u16 {
-            let head = self.next_desc;
-            for (i, &(addr, len, flags)) in descs.iter().enumerate() {
-                let index = (head + i as u16) % self.size;
-                let last = i + 1 == descs.len();
-                let flags = if last { flags } else { flags | NEXT };
-                self.store(index, addr, len, flags, (index + 1) % self.size);
-            }
-            self.next_desc = (head + descs.len() as u16) % self.size;
-            self.publish(head);
-            head
         }
 
         fn header(&self, kind: u32, sector: u64) -> (u64, u32, u16) {
@@ -1317,22 +1283,6 @@ mod tests {
 
         fn status(&self) -> u8 {
             self.mem.read_obj(GuestAddress(STATUS_ADDR)).unwrap()
-        }
-
-        fn used_idx(&self) -> u16 {
-            self.vq.used().idx().load()
-        }
-
-        /// (id, len) of used entry `i`.
-        fn used(&self, i: u16) -> (u32, u32) {
-            let e = self
-                .vq
-                .used()
-                .ring()
-                .ref_at(usize::from(i % self.size))
-                .unwrap()
-                .load();
-            (e.id(), e.len())
         }
     }
 

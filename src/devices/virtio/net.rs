@@ -1134,10 +1134,8 @@ where
 mod tests {
     use super::*;
     use crate::devices::virtio::event_loop::EventLoop;
-    use crate::devices::virtio::test_utils::XorShift;
+    use crate::devices::virtio::test_utils::{MockDriver as Driver, XorShift};
     use std::os::fd::{FromRawFd, OwnedFd};
-    use virtio_queue::desc::RawDescriptor;
-    use virtio_queue::mock::MockSplitQueue;
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     const NEXT: u16 = 1;
@@ -1238,81 +1236,6 @@ mod tests {
             }),
             Peer { fd: b },
         )
-    }
-
-    /// The driver side of one queue: a mock split queue plus helpers.
-    struct Driver<'a> {
-        vq: MockSplitQueue<'a, GuestMemoryMmap>,
-        size: u16,
-        next_desc: u16,
-        avail: u16,
-    }
-
-    impl<'a> Driver<'a> {
-        fn new(mem: &'a GuestMemoryMmap, addr: u64, size: u16) -> Self {
-            Driver {
-                vq: MockSplitQueue::create(mem, GuestAddress(addr), size),
-                size,
-                next_desc: 0,
-                avail: 0,
-            }
-        }
-
-        fn queue(&self) -> Queue {
-            self.vq.create_queue().unwrap()
-        }
-
-        fn store(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
-            self.vq
-                .desc_table()
-                .store(
-                    index,
-                    RawDescriptor::from(Descriptor::new(addr, len, flags, next)),
-                )
-                .unwrap();
-        }
-
-        fn publish(&mut self, head: u16) {
-            self.vq
-                .avail()
-                .ring()
-                .ref_at(usize::from(self.avail % self.size))
-                .unwrap()
-                .store(head);
-            self.avail = self.avail.wrapping_add(1);
-            self.vq.avail().idx().store(self.avail);
-        }
-
-        /// Submits a chain of (addr, len, flags) linked in order; NEXT is
-        /// added to all but the last. Returns the head index.
-        fn submit(&mut self, descs: &[(u64, u32, u16)]) -> u16 {
-            let head = self.next_desc;
-            for (i, &(addr, len, flags)) in descs.iter().enumerate() {
-                let index = (head + i as u16) % self.size;
-                let last = i + 1 == descs.len();
-                let flags = if last { flags } else { flags | NEXT };
-                self.store(index, addr, len, flags, (index + 1) % self.size);
-            }
-            self.next_desc = (head + descs.len() as u16) % self.size;
-            self.publish(head);
-            head
-        }
-
-        fn used_idx(&self) -> u16 {
-            self.vq.used().idx().load()
-        }
-
-        /// (id, len) of used entry `i`.
-        fn used(&self, i: u16) -> (u32, u32) {
-            let e = self
-                .vq
-                .used()
-                .ring()
-                .ref_at(usize::from(i % self.size))
-                .unwrap()
-                .load();
-            (e.id(), e.len())
-        }
     }
 
     struct Setup {
