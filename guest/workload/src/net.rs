@@ -86,25 +86,8 @@ pub struct ClientReport {
 }
 
 pub fn run_server(args: &Parsed) -> Result<String, Error> {
-    let bind: IpAddr = match args.text("--bind")? {
-        None => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        Some(text) => text.parse().map_err(|_| crate::args::ArgError::BadValue {
-            flag: "--bind",
-            value: text.to_string(),
-            why: "not an IP address".into(),
-        })?,
-    };
-    let port = port(args, 0)?;
-    let timeout = args.seconds_in("--timeout", DEFAULT_SERVER_TIMEOUT, 0.001, 86_400.0)?;
-    // --once is the only mode; accepted so that scripts can say it.
-    let _ = args.switch("--once");
-
-    let deadline = Instant::now() + Duration::from_secs_f64(timeout);
-    let listener = TcpListener::bind((bind, port)).context(|| format!("bind {bind}:{port}"))?;
-    let local = listener.local_addr().context(|| "local address".into())?;
-    // The one line on stderr on success: the port actually bound (for
-    // --port 0) and a readiness mark scripts can wait for.
-    eprintln!("vmlab-workload: net-server listening on {local}");
+    let (listener, local, deadline) =
+        listen(args, "net-server", DEFAULT_PORT, DEFAULT_SERVER_TIMEOUT)?;
     let r = serve(&listener, deadline)?;
     Ok(Object::new()
         .str("workload", "net-server")
@@ -121,7 +104,7 @@ pub fn run_client(args: &Parsed) -> Result<String, Error> {
     let host = args
         .text("--host")?
         .ok_or(crate::args::ArgError::Required("--host"))?;
-    let port = port(args, 1)?;
+    let port = port(args, DEFAULT_PORT, 1)?;
     let seconds = args.seconds_in("--seconds", DEFAULT_SECONDS, 0.001, 3600.0)?;
     let rtt_count = args.u64_in("--rtt-count", DEFAULT_RTT_COUNT, 1, 10_000_000)?;
     let timeout = args.seconds_in("--timeout", DEFAULT_CLIENT_TIMEOUT, 0.001, 3600.0)?;
@@ -155,9 +138,41 @@ pub fn run_client(args: &Parsed) -> Result<String, Error> {
 
 /// `--port`; 0 (a free port, chosen by the kernel) only makes sense for
 /// the server, hence `min`.
-fn port(args: &Parsed, min: u64) -> Result<u16, Error> {
+/// `--port` (default `default`, at least `min`).
+pub(crate) fn port(args: &Parsed, default: u16, min: u64) -> Result<u16, Error> {
     // In the u16 range, so the cast is exact.
-    Ok(args.u64_in("--port", u64::from(DEFAULT_PORT), min, 65535)? as u16)
+    Ok(args.u64_in("--port", u64::from(default), min, 65535)? as u16)
+}
+
+/// The listening side of `net-server` and `net-recv`: `--bind` (default
+/// 127.0.0.1), `--port`, `--timeout` (the deadline returned) and the
+/// accepted `--once`; binds, returns the listener, the address bound and
+/// the deadline, and prints the one stderr line on success
+/// (the address actually bound, for `--port 0`, and the readiness mark
+/// scripts wait for).
+pub(crate) fn listen(
+    args: &Parsed,
+    workload: &str,
+    default_port: u16,
+    default_timeout: f64,
+) -> Result<(TcpListener, SocketAddr, Instant), Error> {
+    let bind: IpAddr = match args.text("--bind")? {
+        None => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        Some(text) => text.parse().map_err(|_| crate::args::ArgError::BadValue {
+            flag: "--bind",
+            value: text.to_string(),
+            why: "not an IP address".into(),
+        })?,
+    };
+    let port = port(args, default_port, 0)?;
+    let timeout = args.seconds_in("--timeout", default_timeout, 0.001, 86_400.0)?;
+    // --once is the only mode; accepted so that scripts can say it.
+    let _ = args.switch("--once");
+    let deadline = Instant::now() + Duration::from_secs_f64(timeout);
+    let listener = TcpListener::bind((bind, port)).context(|| format!("bind {bind}:{port}"))?;
+    let local = listener.local_addr().context(|| "local address".into())?;
+    eprintln!("vmlab-workload: {workload} listening on {local}");
+    Ok((listener, local, deadline))
 }
 
 pub(crate) fn mib(bytes: u64) -> f64 {

@@ -17,13 +17,13 @@
 //! one write or read.
 
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Shutdown, TcpListener};
+use std::net::{IpAddr, Shutdown, TcpListener};
 use std::time::{Duration, Instant};
 
 use crate::args::{ArgError, Parsed, Spec};
 use crate::error::{Context, Error};
 use crate::json::Object;
-use crate::net::{accept, connect, mib, net_error, remaining, resolve};
+use crate::net::{accept, connect, listen, mib, net_error, port, remaining, resolve};
 use crate::prng::{XorShift64, DATA_SEED};
 use crate::sha256::{hex, Sha256};
 
@@ -56,7 +56,7 @@ pub struct Transfer {
 
 pub fn run_send(args: &Parsed) -> Result<String, Error> {
     let host = args.text("--host")?.ok_or(ArgError::Required("--host"))?;
-    let port = port(args, 1)?;
+    let port = port(args, DEFAULT_PORT, 1)?;
     let bytes = args.size_in("--bytes", DEFAULT_BYTES, 0, 1 << 40)?;
     let timeout = args.seconds_in("--timeout", DEFAULT_SEND_TIMEOUT, 0.001, 3600.0)?;
     let addrs = resolve(host, port)?;
@@ -73,23 +73,7 @@ pub fn run_send(args: &Parsed) -> Result<String, Error> {
 }
 
 pub fn run_recv(args: &Parsed) -> Result<String, Error> {
-    let bind: IpAddr = match args.text("--bind")? {
-        None => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        Some(text) => text.parse().map_err(|_| ArgError::BadValue {
-            flag: "--bind",
-            value: text.to_string(),
-            why: "not an IP address".into(),
-        })?,
-    };
-    let port = port(args, 0)?;
-    let timeout = args.seconds_in("--timeout", DEFAULT_RECV_TIMEOUT, 0.001, 86_400.0)?;
-    // --once is the only mode; accepted so that scripts can say it.
-    let _ = args.switch("--once");
-    let deadline = Instant::now() + Duration::from_secs_f64(timeout);
-    let listener = TcpListener::bind((bind, port)).context(|| format!("bind {bind}:{port}"))?;
-    let local = listener.local_addr().context(|| "local address".into())?;
-    // The one line on stderr on success, and the readiness mark.
-    eprintln!("vmlab-workload: net-recv listening on {local}");
+    let (listener, local, deadline) = listen(args, "net-recv", DEFAULT_PORT, DEFAULT_RECV_TIMEOUT)?;
     let (peer, t) = receive(&listener, deadline)?;
     Ok(Object::new()
         .str("workload", "net-recv")
@@ -100,11 +84,6 @@ pub fn run_recv(args: &Parsed) -> Result<String, Error> {
         .f64("mib_per_s", mib(t.bytes) / t.seconds.max(1e-9))
         .str("sha256", &hex(&t.sha256))
         .finish())
-}
-
-fn port(args: &Parsed, min: u64) -> Result<u16, Error> {
-    // In the u16 range, so the cast is exact.
-    Ok(args.u64_in("--port", u64::from(DEFAULT_PORT), min, 65535)? as u16)
 }
 
 /// Sends `bytes` bytes of the data stream to the first of `addrs` that
@@ -193,7 +172,7 @@ pub fn receive(listener: &TcpListener, deadline: Instant) -> Result<(IpAddr, Tra
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::SocketAddr;
+    use std::net::{Ipv4Addr, SocketAddr};
 
     fn stream_digest(bytes: usize) -> [u8; 32] {
         let mut data = vec![0u8; bytes];
