@@ -962,10 +962,11 @@ fn notes(host: &HostInfo, runs: &[RunRecord], no_net: bool, fp: &Footprint) -> V
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn sizes() -> Sizes {
+    /// Small workload sizes for the tests here and in rows.rs.
+    pub(crate) fn sizes() -> Sizes {
         Sizes {
             cpu_mib: 16,
             mem_mib: 16,

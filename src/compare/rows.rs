@@ -414,6 +414,7 @@ pub fn build_rows(
 mod tests {
     use super::*;
     use crate::compare::report::{Cell, Verdict};
+    use crate::compare::tests::sizes;
 
     fn record(env: Env, rep: u32, lines: &[&str]) -> RunRecord {
         let mut r = RunRecord::new(env, rep);
@@ -424,18 +425,6 @@ mod tests {
         }
         r.outcome = "exit status 0".into();
         r
-    }
-
-    fn sizes() -> Sizes {
-        Sizes {
-            cpu_mib: 16,
-            mem_mib: 16,
-            mem_repeat: 3,
-            disk_mib: 8,
-            random_ops: 500,
-            net_seconds: 2.0,
-            rtt_count: 200,
-        }
     }
 
     /// Known timings in, the same numbers out: medians over the runs of
