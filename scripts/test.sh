@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's second command: set up (guest kernel, initramfs) and run
-# every check: formatting, clippy, unit tests and the integration tests
-# that boot real guests on /dev/kvm.
+# every check: formatting, clippy, unit tests, the integration tests that
+# boot real guests on /dev/kvm, and the same tests on emulated SVM hardware.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
@@ -22,3 +22,16 @@ echo "test: cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "test: cargo test"
 cargo test --workspace --no-fail-fast 2>&1
+# The fuzz targets (fuzz/, nightly and cargo-fuzz), 30 s each.
+echo "test: scripts/fuzz.sh 30"
+scripts/fuzz.sh 30
+# The hardware-style lane: the boot, block, net and image tests again, on
+# emulated AMD-V (QEMU TCG with nested SVM), where vmlab must apply no PVM
+# workaround (scripts/test-svm.sh; about 3 min warm on an idle machine,
+# ~50 s more cold; docs/HOST.md).
+if command -v qemu-system-x86_64 >/dev/null; then
+  echo "test: scripts/test-svm.sh (nested SVM under QEMU TCG)"
+  scripts/test-svm.sh
+else
+  echo "test: skipped scripts/test-svm.sh: qemu-system-x86_64 is missing"
+fi

@@ -11,13 +11,16 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+use linux_loader::cmdline::Cmdline;
+use linux_loader::configurator::linux::LinuxBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::loader::{BzImage, Elf, KernelLoader};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::arch::layout::{
     E820Entry, CMDLINE_START, DEFAULT_CMDLINE_MAX, DEFAULT_INITRD_ADDR_MAX, HIMEM_START,
-    MMIO_GAP_START, SETUP_DATA_START,
+    MMIO_GAP_START, SETUP_DATA_START, ZERO_PAGE_START,
 };
 
 /// The `HdrS` magic of a bzImage setup header.
@@ -88,6 +91,17 @@ pub enum Error {
         len: usize,
         /// The kernel's limit.
         max: usize,
+    },
+    /// linux-loader refused the command line.
+    #[error("the kernel command line: {0}")]
+    Cmdline(linux_loader::cmdline::Error),
+    /// linux-loader could not write a boot structure.
+    #[error("cannot write the {what} into guest memory: {reason}")]
+    Load {
+        /// Which one.
+        what: &'static str,
+        /// Why.
+        reason: String,
     },
     /// A command line with a NUL byte cannot be passed.
     #[error("the kernel command line contains a NUL byte")]
@@ -339,16 +353,30 @@ pub fn load_initrd(
     Ok((addr, size))
 }
 
-/// Writes the command line (NUL-terminated) after checking the kernel's limit.
+/// Writes the command line (NUL-terminated) after checking the kernel's
+/// limit, as a linux-loader [`Cmdline`] (which also refuses what is not
+/// printable ASCII).
 pub fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str, max: usize) -> Result<()> {
     check_cmdline(cmdline, max)?;
-    let mut bytes = cmdline.as_bytes().to_vec();
-    bytes.push(0);
-    mem.write_slice(&bytes, GuestAddress(CMDLINE_START))
-        .map_err(|source| Error::GuestMemory {
+    // `max` excludes the NUL; Cmdline's capacity includes it.
+    let mut line = Cmdline::new(max + 1).map_err(Error::Cmdline)?;
+    line.insert_str(cmdline).map_err(Error::Cmdline)?;
+    linux_loader::loader::load_cmdline(mem, GuestAddress(CMDLINE_START), &line).map_err(|e| {
+        Error::Load {
             what: "command line",
-            source,
-        })
+            reason: e.to_string(),
+        }
+    })
+}
+
+/// Writes `params` into the zero page with linux-loader's boot
+/// configurator.
+pub fn write_boot_params(mem: &GuestMemoryMmap, params: &boot_params) -> Result<()> {
+    let params = BootParams::new(params, GuestAddress(ZERO_PAGE_START));
+    LinuxBootConfigurator::write_bootparams(&params, mem).map_err(|e| Error::Load {
+        what: "boot_params",
+        reason: e.to_string(),
+    })
 }
 
 /// Checks a command line against the kernel's limit.
@@ -365,15 +393,34 @@ pub fn check_cmdline(cmdline: &str, max: usize) -> Result<()> {
     Ok(())
 }
 
-/// The `setup_data` record carrying an RNG seed, as QEMU passes one, so
-/// the guest's RNG is initialized at once instead of waiting for entropy.
-pub fn rng_seed_setup_data(seed: &[u8; RNG_SEED_LEN]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(16 + RNG_SEED_LEN);
-    out.extend_from_slice(&0u64.to_le_bytes()); // next: end of the chain
-    out.extend_from_slice(&SETUP_RNG_SEED.to_le_bytes());
-    out.extend_from_slice(&(RNG_SEED_LEN as u32).to_le_bytes());
-    out.extend_from_slice(seed);
-    out
+/// The `setup_data` record carrying an RNG seed (`struct setup_data`
+/// followed by the seed), as QEMU passes one, so the guest's RNG is
+/// initialized at once instead of waiting for entropy.
+#[repr(C, packed)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RngSeedSetupData {
+    /// Guest address of the next record; 0 ends the chain.
+    pub next: u64,
+    /// `SETUP_RNG_SEED`.
+    pub kind: u32,
+    /// Bytes of data that follow.
+    pub len: u32,
+    /// The seed.
+    pub seed: [u8; RNG_SEED_LEN],
+}
+
+// SAFETY: plain integers and bytes, packed: every bit pattern is valid and
+// there is no padding.
+unsafe impl ByteValued for RngSeedSetupData {}
+
+/// The record for `seed`, last in its chain.
+pub fn rng_seed_setup_data(seed: &[u8; RNG_SEED_LEN]) -> RngSeedSetupData {
+    RngSeedSetupData {
+        next: 0,
+        kind: SETUP_RNG_SEED,
+        len: RNG_SEED_LEN as u32,
+        seed: *seed,
+    }
 }
 
 /// Fills `buf` from the kernel's RNG.
@@ -400,7 +447,7 @@ pub fn host_random(buf: &mut [u8]) -> Result<()> {
 pub fn write_rng_seed(mem: &GuestMemoryMmap) -> Result<u64> {
     let mut seed = [0u8; RNG_SEED_LEN];
     host_random(&mut seed)?;
-    mem.write_slice(&rng_seed_setup_data(&seed), GuestAddress(SETUP_DATA_START))
+    mem.write_obj(rng_seed_setup_data(&seed), GuestAddress(SETUP_DATA_START))
         .map_err(|source| Error::GuestMemory {
             what: "RNG seed",
             source,
@@ -574,6 +621,8 @@ mod tests {
     fn rng_seed_record_layout() {
         let seed = [7u8; RNG_SEED_LEN];
         let rec = rng_seed_setup_data(&seed);
+        let rec = rec.as_slice();
+        assert_eq!(rec.len(), 16 + RNG_SEED_LEN);
         assert_eq!(&rec[0..8], &[0; 8]);
         assert_eq!(
             u32::from_le_bytes(rec[8..12].try_into().unwrap()),

@@ -6,6 +6,8 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::devices::virtio::{BlockConfig, MacAddr, NetConfig};
 use crate::host::QuirksMode;
+use crate::raw::CpuMode;
+use crate::vsock::VsockConfig;
 
 /// vmlab: a micro-VM monitor on Linux KVM.
 #[derive(Debug, Parser)]
@@ -17,6 +19,10 @@ pub struct Cli {
     /// Only warnings and errors on stderr.
     #[arg(short, long, global = true, conflicts_with = "verbose")]
     pub quiet: bool,
+    /// Where named VMs keep their state (default: $VMLAB_STATE_DIR, else
+    /// /run/vmlab).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -35,6 +41,164 @@ pub enum Command {
     /// as a micro-VM, and report the numbers side by side with the claims
     /// they test.
     Compare(CompareArgs),
+    /// Run a command in a running named VM, through its guest agent; exit
+    /// with the command's status (126: cannot run, 127: not found).
+    Exec(ExecArgs),
+    /// List the running named VMs.
+    Ps,
+    /// Print a named VM's console output.
+    Logs(LogsArgs),
+    /// Send a signal to a named VM's main process (default: KILL).
+    Kill(KillArgs),
+    /// Stop a named VM: SIGTERM to its main process, then a guest
+    /// power-off, then the VMM is killed.
+    Stop(StopArgs),
+    /// Remove named VMs' state (a running one only with -f, which kills it).
+    Rm(RmArgs),
+    /// Read an exit trace written by `vmlab run --trace-exits`.
+    #[command(subcommand)]
+    Trace(TraceCommand),
+}
+
+/// `vmlab exec`.
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// Forward stdin to the command (without it, the command's stdin is at
+    /// EOF from the start).
+    #[arg(short, long)]
+    pub interactive: bool,
+    /// Run the command on a terminal in the guest, of the host terminal's
+    /// size (the host terminal goes into raw mode while it runs).
+    #[arg(short, long)]
+    pub tty: bool,
+    /// Set an environment variable (repeatable).
+    #[arg(short, long = "env", value_name = "K=V", value_parser = parse_env)]
+    pub env: Vec<String>,
+    /// Working directory in the guest (default: /).
+    #[arg(short, long, value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// User to run as: UID[:GID] or NAME[:GROUP] (default: root).
+    #[arg(short, long, value_name = "USER")]
+    pub user: Option<String>,
+    /// The VM.
+    #[arg(value_name = "NAME")]
+    pub name: String,
+    /// The command and its arguments.
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "COMMAND"
+    )]
+    pub command: Vec<String>,
+}
+
+/// `vmlab logs`.
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// Keep printing new output until the VM stops.
+    #[arg(short, long)]
+    pub follow: bool,
+    /// The VM.
+    #[arg(value_name = "NAME")]
+    pub name: String,
+}
+
+/// `vmlab kill`.
+#[derive(Debug, Args)]
+pub struct KillArgs {
+    /// The VM.
+    #[arg(value_name = "NAME")]
+    pub name: String,
+    /// The signal: a name (KILL, SIGTERM, usr1) or a number.
+    #[arg(value_name = "SIGNAL", default_value = "KILL", value_parser = parse_signal)]
+    pub signal: u8,
+}
+
+/// `vmlab stop`.
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    /// The VM.
+    #[arg(value_name = "NAME")]
+    pub name: String,
+    /// Seconds the main process gets to exit after SIGTERM.
+    #[arg(long, short = 't', value_name = "S", default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub timeout: u64,
+}
+
+/// `vmlab rm`.
+#[derive(Debug, Args)]
+pub struct RmArgs {
+    /// Kill a running VM first.
+    #[arg(short, long)]
+    pub force: bool,
+    /// The VMs.
+    #[arg(value_name = "NAME", required = true)]
+    pub names: Vec<String>,
+}
+
+/// Parses `K=V` for `exec -e`.
+pub fn parse_env(s: &str) -> Result<String, String> {
+    match s.split_once('=') {
+        Some((k, _)) if !k.is_empty() && !s.contains('\0') => Ok(s.to_string()),
+        _ => Err(format!("'{s}' is not KEY=VALUE")),
+    }
+}
+
+/// The signals `vmlab kill` knows by name, with their x86-64 numbers.
+const SIGNALS: &[(&str, i32)] = &[
+    ("HUP", libc::SIGHUP),
+    ("INT", libc::SIGINT),
+    ("QUIT", libc::SIGQUIT),
+    ("ABRT", libc::SIGABRT),
+    ("KILL", libc::SIGKILL),
+    ("USR1", libc::SIGUSR1),
+    ("SEGV", libc::SIGSEGV),
+    ("USR2", libc::SIGUSR2),
+    ("PIPE", libc::SIGPIPE),
+    ("ALRM", libc::SIGALRM),
+    ("TERM", libc::SIGTERM),
+    ("CHLD", libc::SIGCHLD),
+    ("CONT", libc::SIGCONT),
+    ("STOP", libc::SIGSTOP),
+    ("TSTP", libc::SIGTSTP),
+    ("WINCH", libc::SIGWINCH),
+];
+
+/// Parses a signal: `KILL`, `SIGKILL`, `kill` or `9` (1 to 64).
+pub fn parse_signal(s: &str) -> Result<u8, String> {
+    if let Ok(n) = s.parse::<u8>() {
+        return match n {
+            1..=64 => Ok(n),
+            _ => Err(format!("signal {n} is out of range (1 to 64)")),
+        };
+    }
+    let up = s.to_ascii_uppercase();
+    let name = up.strip_prefix("SIG").unwrap_or(&up);
+    SIGNALS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| *v as u8)
+        .ok_or_else(|| format!("unknown signal '{s}'"))
+}
+
+/// `vmlab trace`.
+#[derive(Debug, Subcommand)]
+pub enum TraceCommand {
+    /// Summarize a trace: exits by reason, by port or address, by vCPU,
+    /// with handling times; optionally draw its timeline as SVG.
+    Report(TraceReportArgs),
+}
+
+/// `vmlab trace report`.
+#[derive(Debug, Args)]
+pub struct TraceReportArgs {
+    /// The trace file (JSON lines).
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+    /// Also write an SVG timeline of the exits per vCPU to OUT.
+    #[arg(long, value_name = "OUT")]
+    pub svg: Option<PathBuf>,
 }
 
 /// `vmlab compare`.
@@ -120,11 +284,31 @@ pub struct ContainerArgs {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Guest kernel: an ELF vmlinux or a bzImage.
-    #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "raw")]
+    pub kernel: Option<PathBuf>,
     /// Initial ramdisk (cpio, optionally compressed).
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
+    /// Boot a flat binary instead of Linux (teaching guests, docs/LABS.md):
+    /// loaded at 0x1000 for --mode real, at 1 MiB for --mode long.
+    #[arg(long, value_name = "IMAGE", conflicts_with_all = ["kernel", "initrd", "image", "cmdline", "command"])]
+    pub raw: Option<PathBuf>,
+    /// With --raw: the guest-physical entry point (default: the load
+    /// address); must lie inside the image. Hex with 0x, or decimal.
+    #[arg(long, value_name = "ADDR", requires = "raw", value_parser = parse_addr)]
+    pub entry: Option<u64>,
+    /// With --raw: start the vCPU in real mode (CS:IP = 0:entry, as a boot
+    /// sector) or in 64-bit long mode (first GiB identity-mapped).
+    #[arg(long, value_enum, requires = "raw")]
+    pub mode: Option<CpuMode>,
+    /// Write every VM exit to user space to FILE, one JSON line each
+    /// (`vmlab trace report FILE` reads it back).
+    #[arg(long, value_name = "FILE")]
+    pub trace_exits: Option<PathBuf>,
+    /// Size limit of the --trace-exits file (units as for --memory;
+    /// default 256M); the trace then ends with a note.
+    #[arg(long, value_name = "SIZE", requires = "trace_exits", value_parser = parse_size)]
+    pub trace_limit: Option<u64>,
     /// Boot a container image: an OCI image layout, a `docker save`
     /// archive, or a root file-system directory. It becomes an ext4 root
     /// disk (/dev/vda; cached, each run boots a throw-away copy), and the
@@ -155,6 +339,16 @@ pub struct RunArgs {
     /// `--cmdline ip=ADDR::GATEWAY:NETMASK::eth0:off`.
     #[arg(long, value_name = "SPEC", value_parser = parse_net)]
     pub net: Vec<NetConfig>,
+    /// A virtio-vsock device: `cid=N,socket=PATH` (CID 3 to 4294967294).
+    /// vmlab listens on the Unix socket PATH: a host program connects,
+    /// writes `CONNECT <port>\n` and gets `OK <local port>\n` once the
+    /// guest accepts (closed if it refuses); a guest connection to host
+    /// port P goes to the Unix socket PATH_P. The guest agent (docs/AGENT.md)
+    /// listens on port 1024. A named VM (--name, --detach) always has one,
+    /// CID 3 unless given, its socket in the state directory (leave
+    /// socket= out).
+    #[arg(long, value_name = "SPEC", value_parser = parse_vsock)]
+    pub vsock: Option<VsockArg>,
     /// Print the time from vmlab's start to the first KVM_RUN and to the
     /// guest init being up (stderr).
     #[arg(long)]
@@ -171,9 +365,31 @@ pub struct RunArgs {
     /// (pvm), or apply none (none).
     #[arg(long, value_enum, default_value_t = QuirksMode::Auto)]
     pub host_quirks: QuirksMode,
+    /// Name the VM (for exec, ps, logs, kill, stop, rm): 1 to 64 of
+    /// A-Z a-z 0-9 _ . -, starting with a letter or digit.
+    #[arg(long, value_name = "NAME", value_parser = crate::named::parse_name)]
+    pub name: Option<String>,
+    /// Run the VM in the background: print its name once its guest agent
+    /// answers, and return. The console goes to its log (`vmlab logs`).
+    /// Without --name the name is vm-PID.
+    #[arg(long, short = 'd')]
+    pub detach: bool,
+    /// With --detach: how long to wait for the guest agent, in seconds.
+    #[arg(long, value_name = "S", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=3600), requires = "detach")]
+    pub ready_timeout: u64,
     /// The command to run in the guest, after `--`.
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
+}
+
+/// Parses a guest-physical address: `0x...` hex or decimal.
+pub fn parse_addr(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => t.parse(),
+    };
+    parsed.map_err(|_| format!("'{s}' is not an address (examples: 0x1000, 4096)"))
 }
 
 /// Parses a memory size: plain numbers are MiB; K, M, G, T (optionally
@@ -260,6 +476,56 @@ pub fn parse_net(s: &str) -> Result<NetConfig, String> {
     }
     let tap = tap.ok_or_else(|| format!("--net {s}: tap=NAME is required"))?;
     Ok(NetConfig { tap, mac })
+}
+
+/// `--vsock` as given: the socket may be left out where something else
+/// (a state directory) provides it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockArg {
+    /// The guest's CID (checked: 3 to `u32::MAX - 1`).
+    pub cid: u64,
+    /// The host socket, if given.
+    pub socket: Option<PathBuf>,
+}
+
+impl VsockArg {
+    /// The device configuration; the socket is required.
+    pub fn into_config(self) -> Result<VsockConfig, String> {
+        let socket = self
+            .socket
+            .ok_or_else(|| format!("--vsock cid={}: socket=PATH is required", self.cid))?;
+        Ok(VsockConfig {
+            cid: self.cid,
+            socket,
+        })
+    }
+}
+
+/// Parses `cid=N[,socket=PATH]`.
+pub fn parse_vsock(s: &str) -> Result<VsockArg, String> {
+    let mut cid = None;
+    let mut socket = None;
+    for part in s.split(',') {
+        let Some((key, value)) = part.split_once('=') else {
+            return Err(format!("'{part}' in --vsock {s}: expected key=value"));
+        };
+        match key {
+            "cid" => {
+                let n: u64 = value
+                    .parse()
+                    .map_err(|_| format!("cid={value}: not a number (a guest CID is 3 or more)"))?;
+                crate::vsock::validate_cid(n)?;
+                cid = Some(n);
+            }
+            "socket" | "path" | "uds_path" if !value.is_empty() => {
+                socket = Some(PathBuf::from(value))
+            }
+            "socket" | "path" | "uds_path" => return Err("socket=: the path is empty".into()),
+            _ => return Err(format!("unknown --vsock option '{key}' (cid, socket)")),
+        }
+    }
+    let cid = cid.ok_or_else(|| format!("--vsock {s}: cid=N is required"))?;
+    Ok(VsockArg { cid, socket })
 }
 
 fn parse_cpus(s: &str) -> Result<u8, String> {
@@ -366,7 +632,47 @@ mod tests {
     }
 
     #[test]
+    fn vsock() {
+        let v = parse_vsock("cid=3,socket=/tmp/v.sock").unwrap();
+        assert_eq!(v.cid, 3);
+        assert_eq!(
+            v.clone().into_config().unwrap().socket,
+            PathBuf::from("/tmp/v.sock")
+        );
+        let v = parse_vsock("cid=4294967294").unwrap();
+        assert_eq!(v.socket, None);
+        assert!(v
+            .into_config()
+            .unwrap_err()
+            .contains("socket=PATH is required"));
+        for (bad, why) in [
+            ("cid=2", "reserved"),
+            ("cid=0", "reserved"),
+            ("cid=4294967295", "too large"),
+            ("cid=99999999999999999999", "not a number"),
+            ("cid=abc", "not a number"),
+            ("cid=-3", "not a number"),
+            ("socket=/x", "cid=N is required"),
+            ("cid=3,socket=", "empty"),
+            ("cid=3,color=red", "unknown --vsock option"),
+            ("3", "expected key=value"),
+        ] {
+            let e = parse_vsock(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        let argv = "vmlab run --kernel k --vsock cid=7,socket=/s";
+        let Command::Run(args) = Cli::try_parse_from(argv.split(' ')).unwrap().command else {
+            panic!("not run")
+        };
+        assert_eq!(args.vsock.map(|v| v.cid), Some(7));
+    }
+
+    #[test]
     fn cpus() {
+        assert_eq!(parse_addr("0x1000"), Ok(0x1000));
+        assert_eq!(parse_addr("4096"), Ok(4096));
+        assert!(parse_addr("0xg").unwrap_err().contains("not an address"));
+        assert!(parse_addr("").is_err());
         assert_eq!(parse_cpus("2"), Ok(2));
         assert!(parse_cpus("0").unwrap_err().contains("at least one"));
         assert!(parse_cpus("33").is_err());
@@ -443,6 +749,67 @@ mod tests {
         assert_eq!(args.netns, Some(PathBuf::from("/run/netns/x")));
         let both = "vmlab container --image i --netns /x --network host".split(' ');
         assert!(Cli::try_parse_from(both).is_err());
+    }
+
+    #[test]
+    fn exec_and_lifecycle_args() {
+        let argv = "vmlab --state-dir /s exec -i -t -e A=1 -e B= -w /tmp -u 1000:1000 web sh -c";
+        let cli = Cli::try_parse_from(argv.split(' ').chain(["exit 7"])).unwrap();
+        assert_eq!(cli.state_dir, Some(PathBuf::from("/s")));
+        let Command::Exec(a) = cli.command else {
+            panic!("not exec")
+        };
+        assert!(a.interactive && a.tty);
+        assert_eq!(a.env, vec!["A=1", "B="]);
+        assert_eq!(
+            (a.workdir.as_deref(), a.user.as_deref()),
+            (Some("/tmp"), Some("1000:1000"))
+        );
+        assert_eq!(a.name, "web");
+        assert_eq!(a.command, vec!["sh", "-c", "exit 7"]);
+        // `--` and options of the command after the name.
+        let cli = Cli::try_parse_from(["vmlab", "exec", "web", "--", "ls", "-l"]).unwrap();
+        let Command::Exec(a) = cli.command else {
+            panic!("not exec")
+        };
+        assert_eq!(a.command, vec!["ls", "-l"]);
+        let cli = Cli::try_parse_from(["vmlab", "exec", "web", "ls", "-l"]).unwrap();
+        let Command::Exec(a) = cli.command else {
+            panic!("not exec")
+        };
+        assert_eq!(a.command, vec!["ls", "-l"]);
+        assert!(Cli::try_parse_from(["vmlab", "exec", "web"]).is_err());
+        assert!(Cli::try_parse_from(["vmlab", "exec", "-e", "NOEQ", "web", "true"]).is_err());
+
+        let Command::Kill(k) = Cli::try_parse_from(["vmlab", "kill", "web"])
+            .unwrap()
+            .command
+        else {
+            panic!("not kill")
+        };
+        assert_eq!(k.signal, 9);
+        for (s, n) in [("TERM", 15), ("sigusr1", 10), ("2", 2), ("SIGKILL", 9)] {
+            assert_eq!(parse_signal(s), Ok(n), "{s}");
+        }
+        for bad in ["0", "65", "FOO", "SIG", ""] {
+            assert!(parse_signal(bad).is_err(), "{bad}");
+        }
+        let Command::Stop(s) = Cli::try_parse_from(["vmlab", "stop", "web", "--timeout", "3"])
+            .unwrap()
+            .command
+        else {
+            panic!("not stop")
+        };
+        assert_eq!((s.name.as_str(), s.timeout), ("web", 3));
+        let argv = ["vmlab", "run", "--kernel", "k", "--name", "a b", "--detach"];
+        assert!(Cli::try_parse_from(argv).is_err());
+        let argv = ["vmlab", "run", "--kernel", "k", "--name", "web", "-d"];
+        let Command::Run(r) = Cli::try_parse_from(argv).unwrap().command else {
+            panic!("not run")
+        };
+        assert!(r.detach && r.name.as_deref() == Some("web") && r.ready_timeout == 120);
+        let argv = ["vmlab", "run", "--kernel", "k", "--ready-timeout", "5"];
+        assert!(Cli::try_parse_from(argv).is_err());
     }
 
     #[test]

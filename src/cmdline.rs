@@ -34,6 +34,9 @@ pub struct InitParams {
     pub workdir: Option<String>,
     /// `uid[:gid]`.
     pub user: Option<String>,
+    /// Start the guest agent (vsock port 1024; docs/AGENT.md). vmlab sets
+    /// it whenever the VM has a vsock device.
+    pub agent: bool,
 }
 
 /// Lowercase hex of `bytes`: survives the kernel's command-line parsing
@@ -53,7 +56,7 @@ fn nul_joined(items: &[String]) -> Vec<u8> {
 }
 
 /// The parameters for the guest init: `quiet` when a command runs, and one
-/// word `vmlab=tty:N[,quiet:1][,cmd:HEX][,env:HEX][,workdir:HEX][,user:HEX]`
+/// word `vmlab=tty:N[,quiet:1][,cmd:HEX][,env:HEX][,workdir:HEX][,user:HEX][,agent:1]`
 /// (guest/init/src/cmdline.rs). One word rather than one per setting: the
 /// guest kernel compares every word of its command line with each of its
 /// parameter names several times while it boots, which on a nested-KVM
@@ -76,6 +79,9 @@ pub fn init_params(init: &InitParams) -> Vec<String> {
     }
     if let Some(user) = &init.user {
         items.push(format!("user:{}", hex(user.as_bytes())));
+    }
+    if init.agent {
+        items.push("agent:1".to_string());
     }
     out.push(format!("vmlab={}", items.join(",")));
     out
@@ -123,6 +129,15 @@ mod tests {
                 format!("vmlab=tty:0,quiet:1,cmd:{}", hex(b"sh\0-c\0exit 3"))
             ]
         );
+    }
+
+    #[test]
+    fn agent_flag() {
+        let p = init_params(&InitParams {
+            agent: true,
+            ..Default::default()
+        });
+        assert_eq!(p, vec!["vmlab=tty:0,agent:1".to_string()]);
     }
 
     #[test]

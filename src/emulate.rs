@@ -5,7 +5,7 @@
 //! On a host with hardware virtualization (VMX/SVM) the guest executes almost every
 //! instruction natively and KVM's instruction emulator only sees a handful of MMIO and
 //! special cases. On a host whose `/dev/kvm` is a software or nested implementation (for
-//! example the `kvm_pvm` module, see `/work/shared/host-notes.md`), long stretches of guest
+//! example the `kvm_pvm` module, see docs/HOST.md), long stretches of guest
 //! code (early boot, anything run with interrupts disabled) go through KVM's x86 emulator,
 //! which does not implement every instruction. When it meets one it does not know, the vCPU
 //! exits with `KVM_EXIT_INTERNAL_ERROR` / `KVM_INTERNAL_ERROR_EMULATION`. Linux guests hit a
@@ -332,11 +332,15 @@ pub enum EmulatedInsn {
     Cmpxchg16b,
     /// `pshufb xmm, xmm/m128` (66 0F 38 00).
     Pshufb,
+    /// Not an instruction this module emulated: one it could not, met in guest user space
+    /// (CPL 3), for which `#UD` was delivered to the guest process instead of stopping the
+    /// VM (see [`handle_emulation_failure`]).
+    UserUd,
 }
 
 impl EmulatedInsn {
     /// Every variant, e.g. to pre-populate a statistics table.
-    pub const ALL: [EmulatedInsn; 10] = [
+    pub const ALL: [EmulatedInsn; 11] = [
         EmulatedInsn::Fwait,
         EmulatedInsn::Popcnt,
         EmulatedInsn::Clac,
@@ -347,6 +351,7 @@ impl EmulatedInsn {
         EmulatedInsn::Cmpxchg8b,
         EmulatedInsn::Cmpxchg16b,
         EmulatedInsn::Pshufb,
+        EmulatedInsn::UserUd,
     ];
 
     /// Lower-case mnemonic.
@@ -362,6 +367,7 @@ impl EmulatedInsn {
             EmulatedInsn::Cmpxchg8b => "cmpxchg8b",
             EmulatedInsn::Cmpxchg16b => "cmpxchg16b",
             EmulatedInsn::Pshufb => "pshufb",
+            EmulatedInsn::UserUd => "#UD to user space",
         }
     }
 }
@@ -1132,6 +1138,13 @@ pub fn emulation_failure_bytes(run: &kvm_run) -> Result<([u8; MAX_INSN_LEN], usi
 /// the guest memory registered with KVM; every byte accessed is translated with
 /// `KVM_TRANSLATE` page by page and must lie inside `mem`.
 ///
+/// An instruction this module cannot emulate, met in guest *user* space (CPL 3), is not an
+/// error: `#UD` is delivered to the guest instead, with RIP at the instruction, and the
+/// result says [`EmulatedInsn::UserUd`]. That is what KVM itself does without
+/// `KVM_CAP_EXIT_ON_EMULATION_FAILURE`: the process gets SIGILL from its kernel, and one
+/// program's exotic instruction does not stop the whole VM. In the guest kernel (CPL 0-2)
+/// it stays an error.
+///
 /// On error the vCPU is left as it was (unless writing the state back itself failed, see
 /// [`EmulateError::Kvm`]); the VMM should report the error and stop the guest.
 pub fn handle_emulation_failure(
@@ -1143,6 +1156,7 @@ pub fn handle_emulation_failure(
     let regs = vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
     let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
     let mode = CpuMode::from_sregs(&sregs, regs.rflags);
+    let cs_dpl = sregs.cs.dpl;
     let mut cpu = KvmCpu {
         vcpu,
         mem,
@@ -1158,12 +1172,48 @@ pub fn handle_emulation_failure(
         // (for example at a page boundary); fetch the rest from guest memory and retry.
         Err(EmulateError::Truncated { .. }) if len < MAX_INSN_LEN => {
             let (bytes, len) = cpu.fetch_rest(bytes, len, mode);
-            emulate(&mut cpu, &bytes[..len], mode)?
+            emulate(&mut cpu, &bytes[..len], mode)
         }
-        other => other?,
+        other => other,
+    };
+    let done = match done {
+        Ok(done) => done,
+        Err(e) if user_mode_ud(mode, cs_dpl, &e) => {
+            log_user_ud(&e);
+            // emulate() changed nothing: RIP still at the instruction, a fault.
+            let ud = Exception::new(VEC_UD);
+            cpu.inject_exception(ud)?;
+            Emulated {
+                insn: EmulatedInsn::UserUd,
+                len: 0,
+                exception: Some(ud),
+            }
+        }
+        Err(e) => return Err(e),
     };
     cpu.commit()?;
     Ok(done)
+}
+
+/// Whether an emulation failure `e` becomes a `#UD` for guest user space: the vCPU is at
+/// CPL 3 (SS.DPL, which [`CpuMode::from_sregs`] reads, and CS.DPL agree on it) and the error
+/// is about the instruction (not a failed KVM ioctl, which says nothing about the guest).
+pub fn user_mode_ud(mode: CpuMode, cs_dpl: u8, e: &EmulateError) -> bool {
+    let user = mode.protected && mode.cpl == 3 && (mode.vm86 || cs_dpl & 3 == 3);
+    user && !matches!(e, EmulateError::Kvm { .. })
+}
+
+/// The first `#UD` given to guest user space is logged as a warning, the rest at debug
+/// level (a guest program can raise them in a loop); `--stats` counts them all.
+fn log_user_ud(e: &EmulateError) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !WARNED.swap(true, Ordering::Relaxed) {
+        log::warn!(
+            "guest user space: {e}; delivered #UD to the process instead (further ones are logged at debug level)"
+        );
+    } else {
+        log::debug!("guest user space: {e}; delivered #UD");
+    }
 }
 
 fn kvm_err(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> EmulateError {
@@ -1663,118 +1713,14 @@ unsafe fn host_cmpxchg16b(ptr: *mut u128, current: u128, new: u128) -> u128 {
     (u128::from(hi) << 64) | u128::from(lo)
 }
 
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fake;
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const MEM_SIZE: usize = 0x20000;
-
-    /// A CPU with flat memory at linear addresses `0..MEM_SIZE`.
-    struct FakeCpu {
-        gprs: [u64; 16],
-        rip: u64,
-        rflags: u64,
-        seg: [u64; 6],
-        mem: Vec<u8>,
-        fcw: u16,
-        fsw: u16,
-        mxcsr: u32,
-        mxcsr_mask: u32,
-        xmm: [[u8; 16]; 16],
-        injected: Vec<Exception>,
-    }
-
-    impl FakeCpu {
-        fn new() -> Self {
-            FakeCpu {
-                gprs: [0; 16],
-                rip: 0x1000,
-                rflags: 0x2,
-                seg: [0; 6],
-                mem: vec![0; MEM_SIZE],
-                fcw: 0x37f,
-                fsw: 0,
-                mxcsr: 0x1f80,
-                mxcsr_mask: 0xffff,
-                xmm: [[0; 16]; 16],
-                injected: Vec::new(),
-            }
-        }
-
-        fn range(&self, addr: u64, len: usize, access: Access) -> Result<usize, EmulateError> {
-            let start = usize::try_from(addr)
-                .ok()
-                .filter(|&a| a.checked_add(len).is_some_and(|end| end <= self.mem.len()));
-            start.ok_or(EmulateError::Memory {
-                addr,
-                len,
-                access,
-                reason: "outside fake memory".into(),
-            })
-        }
-
-        fn set_mem(&mut self, addr: usize, data: &[u8]) {
-            self.mem[addr..addr + data.len()].copy_from_slice(data);
-        }
-    }
-
-    impl GuestCpu for FakeCpu {
-        fn gpr(&self, index: usize) -> u64 {
-            self.gprs[index]
-        }
-        fn set_gpr(&mut self, index: usize, value: u64) {
-            self.gprs[index] = value;
-        }
-        fn rip(&self) -> u64 {
-            self.rip
-        }
-        fn set_rip(&mut self, rip: u64) {
-            self.rip = rip;
-        }
-        fn rflags(&self) -> u64 {
-            self.rflags
-        }
-        fn set_rflags(&mut self, rflags: u64) {
-            self.rflags = rflags;
-        }
-        fn segment_base(&self, segment: Segment) -> u64 {
-            self.seg[segment as usize]
-        }
-        fn read_memory(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), EmulateError> {
-            let a = self.range(addr, buf.len(), Access::Read)?;
-            buf.copy_from_slice(&self.mem[a..a + buf.len()]);
-            Ok(())
-        }
-        fn write_memory(&mut self, addr: u64, data: &[u8]) -> Result<(), EmulateError> {
-            let a = self.range(addr, data.len(), Access::Write)?;
-            self.mem[a..a + data.len()].copy_from_slice(data);
-            Ok(())
-        }
-        fn x87_control_status(&mut self) -> Result<(u16, u16), EmulateError> {
-            Ok((self.fcw, self.fsw))
-        }
-        fn mxcsr(&mut self) -> Result<u32, EmulateError> {
-            Ok(self.mxcsr)
-        }
-        fn mxcsr_mask(&mut self) -> Result<u32, EmulateError> {
-            Ok(self.mxcsr_mask)
-        }
-        fn set_mxcsr(&mut self, value: u32) -> Result<(), EmulateError> {
-            self.mxcsr = value;
-            Ok(())
-        }
-        fn xmm(&mut self, index: usize) -> Result<[u8; 16], EmulateError> {
-            Ok(self.xmm[index])
-        }
-        fn set_xmm(&mut self, index: usize, value: [u8; 16]) -> Result<(), EmulateError> {
-            self.xmm[index] = value;
-            Ok(())
-        }
-        fn inject_exception(&mut self, exception: Exception) -> Result<(), EmulateError> {
-            self.injected.push(exception);
-            Ok(())
-        }
-    }
+    use super::fake::FakeCpu;
 
     const RAX: usize = 0;
     const RCX: usize = 1;
@@ -2287,7 +2233,7 @@ mod tests {
     #[test]
     fn unsupported_instruction_names_mnemonic_and_bytes() {
         let mut cpu = FakeCpu::new();
-        // xrstor [rdi] (from the host-notes table)
+        // xrstor [rdi] (from the table of rejected instructions, docs/HOST.md)
         let err = emulate(&mut cpu, &[0x48, 0x0f, 0xae, 0x2f, 0x90], long()).unwrap_err();
         match &err {
             EmulateError::Unsupported { mnemonic, bytes } => {
@@ -2329,7 +2275,7 @@ mod tests {
     fn internal_error_run(suberror: u32, ndata: u32, data: &[u64]) -> Box<kvm_run> {
         let mut run = Box::<kvm_run>::default();
         run.exit_reason = KVM_EXIT_INTERNAL_ERROR;
-        // SAFETY (test): writing plain integers into the union's `internal` member.
+        // SAFETY: (test) writing plain integers into the union's `internal` member.
         let internal = unsafe { &mut run.__bindgen_anon_1.internal };
         internal.suberror = suberror;
         internal.ndata = ndata;
@@ -2398,6 +2344,42 @@ mod tests {
         // SAFETY: as above.
         let old = unsafe { host_cmpxchg16b(ptr, 0x1234, 7) };
         assert_eq!((old, cell.0), (new, new), "mismatch: memory unchanged");
+    }
+
+    #[test]
+    fn only_user_space_failures_become_ud() {
+        let user = CpuMode { cpl: 3, ..long() };
+        let unsupported = EmulateError::Unsupported {
+            mnemonic: "phaddw".into(),
+            bytes: InsnBytes::of(&[0x66, 0x0f, 0x38, 0x01, 0xc1]),
+        };
+        assert!(user_mode_ud(user, 3, &unsupported));
+        // CPL 0: the guest kernel: stays an error.
+        assert!(!user_mode_ud(long(), 0, &unsupported));
+        // SS and CS disagree: not taken for user space.
+        assert!(!user_mode_ud(user, 0, &unsupported));
+        // Real mode has no user space.
+        assert!(!user_mode_ud(CpuMode::real_mode(), 3, &unsupported));
+        let memory = EmulateError::Memory {
+            addr: 0xffff_8000_0000_0000,
+            len: 4,
+            access: Access::Read,
+            reason: "memory operands at CPL 3".into(),
+        };
+        assert!(user_mode_ud(user, 3, &memory));
+        let undecodable = EmulateError::Undecodable {
+            bytes: InsnBytes::of(&[0x0f, 0xff]),
+            bitness: 64,
+        };
+        assert!(user_mode_ud(user, 3, &undecodable));
+        // A failed ioctl says nothing about the guest's instruction.
+        let kvm = EmulateError::Kvm {
+            op: "KVM_GET_SREGS",
+            source: kvm_ioctls::Error::new(libc::EIO),
+        };
+        assert!(!user_mode_ud(user, 3, &kvm));
+        assert_eq!(EmulatedInsn::UserUd.mnemonic(), "#UD to user space");
+        assert!(EmulatedInsn::ALL.contains(&EmulatedInsn::UserUd));
     }
 
     /// xorshift64*: deterministic pseudo-random numbers without a crate.

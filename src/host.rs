@@ -65,13 +65,23 @@ pub const PVM_CMDLINE: &[&str] = &[
 impl HostKind {
     /// Looks at the running host.
     pub fn detect() -> HostKind {
-        Self::detect_at(Path::new("/sys/module"), Path::new("/proc/cpuinfo"))
+        Self::detect_why().0
+    }
+
+    /// Looks at the running host; also says what decided it (for the log).
+    pub fn detect_why() -> (HostKind, &'static str) {
+        Self::detect_why_at(Path::new("/sys/module"), Path::new("/proc/cpuinfo"))
     }
 
     /// Detection against given sysfs/procfs paths (for tests).
     pub fn detect_at(sys_module: &Path, cpuinfo: &Path) -> HostKind {
+        Self::detect_why_at(sys_module, cpuinfo).0
+    }
+
+    /// Detection against given paths, with the reason.
+    pub fn detect_why_at(sys_module: &Path, cpuinfo: &Path) -> (HostKind, &'static str) {
         if sys_module.join("kvm_pvm").exists() {
-            return HostKind::NestedPvm;
+            return (HostKind::NestedPvm, "the kvm_pvm module is loaded");
         }
         // KVM without vmx/svm in the CPU flags can only be a software or
         // pagetable-based implementation: treat it like PVM.
@@ -81,23 +91,33 @@ impl HostKind {
                     .lines()
                     .find(|l| l.starts_with("flags"))
                     .unwrap_or_default();
-                let hw = flags.split_whitespace().any(|f| f == "vmx" || f == "svm");
-                if hw {
-                    HostKind::Hardware
+                let has = |flag: &str| flags.split_whitespace().any(|f| f == flag);
+                if has("svm") {
+                    (HostKind::Hardware, "AMD-V: svm in the CPU flags")
+                } else if has("vmx") {
+                    (HostKind::Hardware, "Intel VT-x: vmx in the CPU flags")
                 } else {
-                    HostKind::NestedPvm
+                    (HostKind::NestedPvm, "no vmx or svm in the CPU flags")
                 }
             }
-            Err(_) => HostKind::Hardware,
+            Err(_) => (
+                HostKind::Hardware,
+                "CPU flags unreadable, assuming hardware virtualization",
+            ),
         }
     }
 
     /// Resolves the user's choice against detection.
     pub fn resolve(mode: QuirksMode) -> HostKind {
+        Self::resolve_why(mode).0
+    }
+
+    /// Resolves the user's choice, with what decided it (for the log).
+    pub fn resolve_why(mode: QuirksMode) -> (HostKind, &'static str) {
         match mode {
-            QuirksMode::Auto => Self::detect(),
-            QuirksMode::Pvm => HostKind::NestedPvm,
-            QuirksMode::None => HostKind::Hardware,
+            QuirksMode::Auto => Self::detect_why(),
+            QuirksMode::Pvm => (HostKind::NestedPvm, "forced by --host-quirks pvm"),
+            QuirksMode::None => (HostKind::Hardware, "forced by --host-quirks none"),
         }
     }
 
@@ -153,6 +173,26 @@ mod tests {
             HostKind::Hardware
         );
         assert_eq!(fake(&base.join("c"), false, "fpu svm"), HostKind::Hardware);
+        // An SVM host (QEMU TCG with -cpu EPYC,+svm,+npt) and a VT-x host
+        // both say which extension decided it, for the log.
+        let svm = base.join("e");
+        std::fs::create_dir_all(svm.join("sys")).unwrap();
+        std::fs::write(svm.join("cpuinfo"), "flags\t\t: fpu svm npt\n").unwrap();
+        assert_eq!(
+            HostKind::detect_why_at(&svm.join("sys"), &svm.join("cpuinfo")),
+            (HostKind::Hardware, "AMD-V: svm in the CPU flags")
+        );
+        std::fs::write(svm.join("cpuinfo"), "flags\t\t: fpu vmx ept\n").unwrap();
+        assert_eq!(
+            HostKind::detect_why_at(&svm.join("sys"), &svm.join("cpuinfo")),
+            (HostKind::Hardware, "Intel VT-x: vmx in the CPU flags")
+        );
+        // kvm_pvm wins over the flags (a PVM host may show svm).
+        std::fs::create_dir_all(svm.join("sys/kvm_pvm")).unwrap();
+        assert_eq!(
+            HostKind::detect_why_at(&svm.join("sys"), &svm.join("cpuinfo")).0,
+            HostKind::NestedPvm
+        );
         assert_eq!(
             fake(&base.join("d"), false, "fpu sse2"),
             HostKind::NestedPvm

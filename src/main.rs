@@ -1,38 +1,84 @@
-//! The `vmlab` binary: parse the command line, build the VM, run it, and
-//! exit with the guest command's status.
+//! The `vmlab` binary: parse the command line, call the library's entry
+//! point for the subcommand (`vmlab::run::run`, `vmlab::container::run`,
+//! `vmlab::compare::run`), and exit with its status.
 
-use std::io::IsTerminal;
-use std::os::fd::AsRawFd;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
 
-use vmlab::cli::{Cli, Command, CompareArgs, ContainerArgs, RunArgs};
-use vmlab::cmdline::InitParams;
-use vmlab::devices::virtio::BlockConfig;
-use vmlab::host::HostKind;
-use vmlab::image::VmImage;
-use vmlab::terminal::RawMode;
-use vmlab::vm::{Vm, VmConfig};
-
-/// Exit status for vmlab's own failures (bad input, KVM errors), as
-/// `docker run` uses 125.
-const EXIT_VMLAB_ERROR: u8 = 125;
+use vmlab::cli::{
+    Cli, Command, CompareArgs, ContainerArgs, RunArgs, TraceCommand, TraceReportArgs,
+};
+use vmlab::instances::{self, Forked};
+use vmlab::named::{self, Owner};
+use vmlab::run::EXIT_VMLAB_ERROR;
 
 fn main() -> ExitCode {
     let started = Instant::now();
     let cli = Cli::parse();
     init_logging(&cli);
     let quiet = cli.quiet;
+    let root = named::state_root(cli.state_dir.as_deref());
+    let done = |r: Result<(), instances::Error>| match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vmlab: error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    };
     match cli.command {
-        Command::Run(args) => match run(args, started) {
+        Command::Run(args) => match start(checked(args), started, &root) {
             Ok(code) => ExitCode::from(code),
             Err(e) => {
                 eprintln!("vmlab: error: {e}");
-                ExitCode::from(EXIT_VMLAB_ERROR)
+                ExitCode::from(e.exit_code())
             }
         },
+        Command::Exec(a) => {
+            let opts = instances::ExecOptions {
+                name: a.name,
+                command: a.command,
+                env: a.env,
+                workdir: a.workdir,
+                user: a.user,
+                interactive: a.interactive,
+                tty: a.tty,
+            };
+            match instances::exec(&root, opts) {
+                Ok(code) => ExitCode::from(code),
+                Err(e) => {
+                    eprintln!("vmlab: error: {e}");
+                    ExitCode::from(e.exit_code())
+                }
+            }
+        }
+        Command::Ps => done(instances::ps(&root, &mut std::io::stdout())),
+        Command::Logs(a) => done(instances::logs(
+            &root,
+            &a.name,
+            a.follow,
+            &mut std::io::stdout(),
+        )),
+        Command::Kill(a) => done(instances::kill(&root, &a.name, a.signal)),
+        Command::Stop(a) => done(
+            instances::stop(&root, &a.name, std::time::Duration::from_secs(a.timeout))
+                .map(|()| println!("{}", a.name)),
+        ),
+        Command::Rm(a) => {
+            let mut code = ExitCode::SUCCESS;
+            for name in &a.names {
+                match instances::rm(&root, name, a.force) {
+                    Ok(()) => println!("{name}"),
+                    Err(e) => {
+                        eprintln!("vmlab: error: {e}");
+                        code = ExitCode::from(e.exit_code());
+                    }
+                }
+            }
+            code
+        }
+
         Command::Container(args) => match vmlab::container::run(&container_options(args)) {
             Ok(code) => ExitCode::from(code),
             Err(e) => {
@@ -47,7 +93,113 @@ fn main() -> ExitCode {
                 ExitCode::from(e.exit_code())
             }
         },
+        Command::Trace(TraceCommand::Report(args)) => match trace_report(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vmlab: error: {e}");
+                ExitCode::from(EXIT_VMLAB_ERROR)
+            }
+        },
     }
+}
+
+/// Usage rules of `vmlab run` that clap's attributes cannot say: clap
+/// skips `requires = "raw"` on --entry and --mode when --kernel (which
+/// conflicts with --raw) is given.
+fn checked(args: RunArgs) -> RunArgs {
+    if args.raw.is_none() && (args.entry.is_some() || args.mode.is_some()) {
+        use clap::CommandFactory;
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "--entry and --mode go with --raw IMAGE",
+            )
+            .exit();
+    }
+    args
+}
+
+/// `vmlab trace report`: the summary on stdout, the SVG where asked.
+fn trace_report(args: &TraceReportArgs) -> Result<(), String> {
+    use vmlab::trace::report;
+    let trace = report::Trace::read(&args.file).map_err(|e| e.to_string())?;
+    let summary = report::summarize(&trace);
+    print!("{}", report::text(&trace, &summary));
+    if let Some(out) = &args.svg {
+        std::fs::write(out, report::svg(&trace, &summary))
+            .map_err(|e| format!("cannot write {}: {e}", out.display()))?;
+    }
+    Ok(())
+}
+
+/// `vmlab run`: in the foreground, or with `--detach` as a background VMM
+/// that outlives this process. A named VM (`--name`, or any detached one)
+/// has a state directory for as long as its VMM runs.
+fn start(args: RunArgs, started: Instant, root: &std::path::Path) -> Result<u8, vmlab::run::Error> {
+    let name = match (&args.name, args.detach) {
+        (Some(name), _) => name.clone(),
+        (None, true) => format!("vm-{}", std::process::id()),
+        (None, false) => {
+            return vmlab::run::run(args, started, vmlab::run::Streams::detect(), None)
+        }
+    };
+    let owner = instances::create(root, &name)?;
+    if args.detach {
+        // Before any thread exists: the VMM is forked from here.
+        match instances::daemonize(&owner.paths.console())? {
+            Forked::Parent => {
+                // The daemon holds the lock now (the same open file).
+                drop(owner);
+                instances::wait_ready(
+                    root,
+                    &name,
+                    std::time::Duration::from_secs(args.ready_timeout),
+                )?;
+                println!("{name}");
+                return Ok(0);
+            }
+            Forked::Daemon => {}
+        }
+    }
+    let result = run_named(args, started, &owner, &name);
+    if let Err(e) = &result {
+        // The daemon's stderr is the console log.
+        eprintln!("vmlab: error: {e}");
+    }
+    if let Err(e) = owner.remove() {
+        eprintln!("vmlab: error: {e}");
+    }
+    result
+}
+
+fn run_named(
+    args: RunArgs,
+    started: Instant,
+    owner: &Owner,
+    name: &str,
+) -> Result<u8, vmlab::run::Error> {
+    let record = named::Record {
+        name: name.to_string(),
+        pid: 0,
+        created: named::now(),
+        // What boots: the kernel, or a --raw image.
+        kernel: args
+            .kernel
+            .clone()
+            .or_else(|| args.raw.clone())
+            .unwrap_or_default(),
+        memory: args.memory,
+        cpus: args.cpus,
+        command: args.command.clone(),
+        cid: args
+            .vsock
+            .as_ref()
+            .map_or(vmlab::run::DEFAULT_CID, |v| v.cid),
+        vsock: Default::default(),
+        console: Default::default(),
+    };
+    instances::record(owner, record)?;
+    vmlab::run::run(args, started, vmlab::run::Streams::detect(), Some(owner))
 }
 
 /// `vmlab compare`: runs the comparison, prints the Markdown report and
@@ -117,134 +269,4 @@ fn init_logging(cli: &Cli) {
         .format_timestamp(None)
         .parse_env("VMLAB_LOG")
         .init();
-}
-
-/// Why `vmlab run` failed before or while running the guest.
-#[derive(Debug, thiserror::Error)]
-enum RunError {
-    #[error(transparent)]
-    Vm(#[from] vmlab::vm::Error),
-    #[error(transparent)]
-    Image(#[from] vmlab::image::Error),
-}
-
-/// `--image`: the per-run copy of the image's disk becomes /dev/vda (the
-/// root: without an initrd vm.rs adds `root=/dev/vda rw`), the kernel
-/// starts vmlab's init injected into it, and the init runs the image's
-/// process with its environment, working directory and user.
-fn boot_image(
-    image: &VmImage,
-    init: &mut InitParams,
-    disks: &mut Vec<BlockConfig>,
-    cmdline: &mut Option<String>,
-) {
-    disks.insert(
-        0,
-        BlockConfig {
-            path: image.disk.path().to_path_buf(),
-            readonly: false,
-            id: None,
-        },
-    );
-    init.command = Some(image.argv.clone());
-    init.env = image.config.env.clone();
-    init.workdir = Some(image.config.working_dir().to_string());
-    init.user = image.config.user.clone();
-    // Before the user's --cmdline, which can still override it.
-    let init_arg = format!("init={}", vmlab::image::GUEST_INIT_PATH);
-    *cmdline = Some(match cmdline.take() {
-        Some(user) => format!("{init_arg} {user}"),
-        None => init_arg,
-    });
-}
-
-fn run(args: RunArgs, started: Instant) -> Result<u8, RunError> {
-    let host = HostKind::resolve(args.host_quirks);
-    if !host.cmdline_quirks().is_empty() {
-        log::info!(
-            "host: {}; adding to the guest command line: {}",
-            host.describe(),
-            host.cmdline_quirks().join(" ")
-        );
-    }
-    let stdin_tty = std::io::stdin().is_terminal();
-    // Lives until the VM is done: dropping it removes the run's disk.
-    let image = match &args.image {
-        Some(path) => Some(vmlab::image::prepare_vm(path, &args.command)?),
-        None => None,
-    };
-    let mut init = InitParams {
-        command: (!args.command.is_empty()).then_some(args.command),
-        tty: stdin_tty && std::io::stdout().is_terminal(),
-        ..Default::default()
-    };
-    let mut disks = args.disk;
-    let mut cmdline = args.cmdline;
-    if let Some(image) = &image {
-        boot_image(image, &mut init, &mut disks, &mut cmdline);
-    }
-    let config = VmConfig {
-        kernel: args.kernel,
-        initrd: args.initrd,
-        cmdline,
-        mem_size: args.memory,
-        cpus: args.cpus,
-        init,
-        host,
-        forward_stdin: true,
-        disks,
-        nets: args.net,
-        profile_period: args
-            .profile_guest
-            .as_ref()
-            .map(|_| std::time::Duration::from_millis(10)),
-    };
-    let vm = Vm::build(&config, Box::new(std::io::stdout()))?;
-    log::debug!("guest command line: {}", vm.cmdline());
-
-    // Raw mode only while the guest owns the terminal; restored on drop.
-    let raw = if stdin_tty {
-        RawMode::enable(std::io::stdin().as_raw_fd())
-    } else {
-        None
-    };
-    let report = vm.run();
-    drop(raw);
-    let report = report?;
-
-    if args.boot_time {
-        let ms = |t: Option<Instant>| match t {
-            Some(t) => format!("{:.1} ms", (t - started).as_secs_f64() * 1e3),
-            None => "never".to_string(),
-        };
-        eprintln!(
-            "vmlab: boot time: first KVM_RUN after {}, guest init up after {}",
-            ms(report.first_run),
-            ms(report.init_up)
-        );
-    }
-    if args.stats {
-        eprintln!("{}", report.stats);
-        eprintln!(
-            "vmlab: run time {:.3} s",
-            (report.ended - started).as_secs_f64()
-        );
-    }
-    if let Some(path) = &args.profile_guest {
-        let mut samples = report.stats.samples.clone();
-        samples.sort_by_key(|s| (s.ms, s.vcpu));
-        match vmlab::profile::write_samples(path, &samples) {
-            Ok(()) => eprintln!(
-                "vmlab: {} guest samples written to {}",
-                samples.len(),
-                path.display()
-            ),
-            Err(e) => eprintln!("vmlab: cannot write {}: {e}", path.display()),
-        }
-    }
-    if let Some(msg) = report.outcome.failure_message() {
-        eprintln!("vmlab: {msg}");
-    }
-    log::debug!("outcome: {:?}", report.outcome);
-    Ok(u8::try_from(report.outcome.exit_code()).unwrap_or(EXIT_VMLAB_ERROR))
 }

@@ -21,7 +21,9 @@ use crate::control::{Control, VmEvent};
 use crate::devices::Bus;
 use crate::host::HostKind;
 use crate::profile::{self, Sample};
-use crate::stats::{ExitKind, ExitStats};
+use crate::raw::CpuMode;
+use crate::stats::{port_region, ExitKind, ExitStats, MmioRegion};
+use crate::trace::{ExitRecord, Reason, TraceSender};
 
 /// KVM_INTERNAL_ERROR_EMULATION.
 const INTERNAL_ERROR_EMULATION: u32 = 1;
@@ -101,6 +103,46 @@ pub struct VcpuContext {
     /// With `--profile-guest`: the profile's time origin. A kicked vCPU
     /// then records where the guest was.
     pub profile_start: Option<Instant>,
+    /// With `--trace-exits`: where every exit is recorded.
+    pub trace: Option<TraceSender>,
+    /// The trace's time origin.
+    pub started: Instant,
+}
+
+/// What an exit accessed, for the exit trace. Plain data: no allocation on
+/// the vCPU path.
+#[derive(Debug, Clone, Copy)]
+struct Access {
+    reason: Reason,
+    addr: u64,
+    size: u8,
+    data: u64,
+    region: &'static str,
+}
+
+impl Access {
+    fn none(reason: Reason) -> Access {
+        Access {
+            reason,
+            addr: 0,
+            size: 0,
+            data: 0,
+            region: "",
+        }
+    }
+
+    fn of(reason: Reason, addr: u64, data: &[u8], region: &'static str) -> Access {
+        let mut bytes = [0u8; 8];
+        let n = data.len().min(8);
+        bytes[..n].copy_from_slice(&data[..n]);
+        Access {
+            reason,
+            addr,
+            size: u8::try_from(data.len()).unwrap_or(u8::MAX),
+            data: u64::from_le_bytes(bytes),
+            region,
+        }
+    }
 }
 
 /// One vCPU.
@@ -130,9 +172,16 @@ impl Vcpu {
         }
     }
 
-    /// Puts the vCPU in the state Linux's 64-bit boot protocol expects.
+    /// Puts the vCPU in the state Linux's 64-bit boot protocol expects
+    /// (`CpuMode::Long`), or, for a `--raw` image, in real mode at `entry`.
     /// Only the boot vCPU gets registers; the others wait for INIT/SIPI.
-    pub fn configure(&self, kvm: &Kvm, cpu_count: u8, entry: u64) -> Result<(), Error> {
+    pub fn configure(
+        &self,
+        kvm: &Kvm,
+        cpu_count: u8,
+        entry: u64,
+        mode: CpuMode,
+    ) -> Result<(), Error> {
         let mut cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(self.kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
@@ -169,12 +218,21 @@ impl Vcpu {
                 .set_fpu(&regs::boot_fpu())
                 .map_err(self.kvm_err("KVM_SET_FPU"))?;
             let mut sregs = self.fd.get_sregs().map_err(self.kvm_err("KVM_GET_SREGS"))?;
-            regs::set_long_mode_sregs(&mut sregs);
+            let regs = match mode {
+                CpuMode::Long => {
+                    regs::set_long_mode_sregs(&mut sregs);
+                    regs::boot_regs(entry)
+                }
+                CpuMode::Real => {
+                    regs::set_real_mode_sregs(&mut sregs);
+                    regs::real_mode_regs(entry)
+                }
+            };
             self.fd
                 .set_sregs(&sregs)
                 .map_err(self.kvm_err("KVM_SET_SREGS"))?;
             self.fd
-                .set_regs(&regs::boot_regs(entry))
+                .set_regs(&regs)
                 .map_err(self.kvm_err("KVM_SET_REGS"))?;
         }
         Ok(())
@@ -223,15 +281,22 @@ impl Vcpu {
             let result = self.fd.run();
             let exited = Instant::now();
             self.stats.in_guest += exited - entered;
-            let (kind, keep_going) = match result {
+            let (kind, keep_going, access) = match result {
                 Ok(exit) => Self::handle_exit(self.id, exit, &self.ctx),
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    (ExitKind::Interrupted, Outcome::Continue)
-                }
-                Err(e) => (
-                    ExitKind::Other("KVM_RUN error".into()),
-                    Outcome::Fatal(format!("KVM_RUN failed: {e}")),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => (
+                    ExitKind::Interrupted,
+                    Outcome::Continue,
+                    Access::none(Reason::Interrupted),
                 ),
+                Err(e) => (
+                    ExitKind::RunError,
+                    Outcome::Fatal(format!("KVM_RUN failed: {e}")),
+                    Access::none(Reason::Other),
+                ),
+            };
+            let access = match keep_going {
+                Outcome::Emulate => Access::none(Reason::Emulation),
+                _ => access,
             };
             let kind = match keep_going {
                 Outcome::Continue => kind,
@@ -241,11 +306,13 @@ impl Vcpu {
                         "KVM internal error (suberror {suberror}): KVM could not run the guest's \
                          instruction"
                     ));
+                    self.trace_exit(access, exited);
                     self.stats.record(kind, exited.elapsed());
                     break;
                 }
                 Outcome::Fatal(message) => {
                     self.fatal(message);
+                    self.trace_exit(access, exited);
                     self.stats.record(kind, exited.elapsed());
                     break;
                 }
@@ -254,6 +321,7 @@ impl Vcpu {
                         self.log_registers();
                     }
                     self.ctx.control.send(event);
+                    self.trace_exit(access, exited);
                     self.stats.record(kind, exited.elapsed());
                     break;
                 }
@@ -268,10 +336,32 @@ impl Vcpu {
                     }
                 }
             }
+            self.trace_exit(access, exited);
             self.stats.record(kind, exited.elapsed());
         }
         KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
         self.stats
+    }
+
+    /// Records one exit in the `--trace-exits` file, if there is one.
+    /// KVM_RUN returning for vmlab's own signal (a kick) is not the
+    /// guest's doing and is left out.
+    fn trace_exit(&self, access: Access, exited: Instant) {
+        let Some(trace) = &self.ctx.trace else { return };
+        if access.reason == Reason::Interrupted {
+            return;
+        }
+        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        trace.record(ExitRecord {
+            t_ns: ns(exited.saturating_duration_since(self.ctx.started)),
+            vcpu: self.id,
+            reason: access.reason,
+            addr: access.addr,
+            size: access.size,
+            data: access.data,
+            region: access.region,
+            handle_ns: ns(exited.elapsed()),
+        });
     }
 
     /// For the guest profiler: the words on the guest's stack at `rsp`
@@ -320,39 +410,45 @@ impl Vcpu {
     /// kind, or stops the VM when it cannot be emulated.
     fn emulate(&mut self) -> ExitKind {
         match crate::emulate::handle_emulation_failure(&mut self.fd, &self.ctx.mem) {
-            Ok(done) => ExitKind::Emulated(done.to_string()),
+            Ok(done) => ExitKind::Emulated(done.insn),
             Err(e) => {
                 self.fatal(format!(
                     "KVM rejected an instruction and vmlab cannot emulate it: {e}"
                 ));
                 self.ctx.stop.store(true, Ordering::Release);
-                ExitKind::Emulated("failed".into())
+                ExitKind::EmulationFailed
             }
         }
     }
 
-    fn handle_exit(id: u8, exit: VcpuExit<'_>, ctx: &VcpuContext) -> (ExitKind, Outcome) {
-        match exit {
+    fn handle_exit(id: u8, exit: VcpuExit<'_>, ctx: &VcpuContext) -> (ExitKind, Outcome, Access) {
+        let (kind, outcome) = match exit {
             VcpuExit::IoIn(port, data) => {
                 if !ctx.pio.read(u64::from(port), data) {
                     // Nothing there: a floating ISA bus reads all ones.
                     data.fill(0xff);
                 }
-                (ExitKind::IoIn(port), Outcome::Continue)
+                let access = Access::of(Reason::IoIn, port.into(), data, port_region(port));
+                return (ExitKind::IoIn(port), Outcome::Continue, access);
             }
             VcpuExit::IoOut(port, data) => {
                 ctx.pio.write(u64::from(port), data);
-                (ExitKind::IoOut(port), Outcome::Continue)
+                let access = Access::of(Reason::IoOut, port.into(), data, port_region(port));
+                return (ExitKind::IoOut(port), Outcome::Continue, access);
             }
             VcpuExit::MmioRead(addr, data) => {
                 if !ctx.mmio.read(addr, data) {
                     data.fill(0xff);
                 }
-                (ExitKind::MmioRead(mmio_region(addr)), Outcome::Continue)
+                let region = mmio_region(addr);
+                let access = Access::of(Reason::MmioRead, addr, data, region.name());
+                return (ExitKind::MmioRead(region), Outcome::Continue, access);
             }
             VcpuExit::MmioWrite(addr, data) => {
                 ctx.mmio.write(addr, data);
-                (ExitKind::MmioWrite(mmio_region(addr)), Outcome::Continue)
+                let region = mmio_region(addr);
+                let access = Access::of(Reason::MmioWrite, addr, data, region.name());
+                return (ExitKind::MmioWrite(region), Outcome::Continue, access);
             }
             VcpuExit::Hlt => (ExitKind::Hlt, Outcome::Stop(VmEvent::Halt)),
             VcpuExit::Shutdown => (
@@ -377,26 +473,31 @@ impl Vcpu {
                 // The suberror says whether this is an emulation failure.
                 let suberror = internal_suberror();
                 if suberror == INTERNAL_ERROR_EMULATION && ctx.host.emulation_fallback() {
-                    (ExitKind::Other("internal error".into()), Outcome::Emulate)
+                    (ExitKind::InternalError, Outcome::Emulate)
                 } else {
-                    (
-                        ExitKind::Other("internal error".into()),
-                        Outcome::InternalError(suberror),
-                    )
+                    (ExitKind::InternalError, Outcome::InternalError(suberror))
                 }
             }
             VcpuExit::FailEntry(reason, cpu) => (
-                ExitKind::Other("fail entry".into()),
+                ExitKind::FailEntry,
                 Outcome::Fatal(format!(
                     "KVM could not enter the guest (hardware reason {reason:#x}, host CPU {cpu})"
                 )),
             ),
             VcpuExit::Intr => (ExitKind::Interrupted, Outcome::Continue),
             other => (
-                ExitKind::Other(format!("{other:?}")),
+                ExitKind::Unexpected,
                 Outcome::Fatal(format!("unexpected VM exit {other:?}")),
             ),
-        }
+        };
+        let reason = match kind {
+            ExitKind::Hlt => Reason::Hlt,
+            ExitKind::Shutdown => Reason::Shutdown,
+            ExitKind::SystemEvent => Reason::SystemEvent,
+            ExitKind::Interrupted => Reason::Interrupted,
+            _ => Reason::Other,
+        };
+        (kind, outcome, Access::none(reason))
     }
 }
 
@@ -423,17 +524,17 @@ fn internal_suberror() -> u32 {
     })
 }
 
-/// A name for the MMIO region an address falls in, for statistics.
-fn mmio_region(addr: u64) -> &'static str {
+/// The MMIO region an address falls in, for statistics.
+fn mmio_region(addr: u64) -> MmioRegion {
     use crate::arch::layout::{IOAPIC_START, LAPIC_START, VIRTIO_MMIO_START};
     if (VIRTIO_MMIO_START..IOAPIC_START).contains(&addr) {
-        "virtio-mmio"
+        MmioRegion::VirtioMmio
     } else if (IOAPIC_START..IOAPIC_START + 0x1000).contains(&addr) {
-        "ioapic"
+        MmioRegion::Ioapic
     } else if (LAPIC_START..LAPIC_START + 0x1000).contains(&addr) {
-        "lapic"
+        MmioRegion::Lapic
     } else {
-        "unassigned"
+        MmioRegion::Unassigned
     }
 }
 

@@ -8,42 +8,43 @@
 //! loop on the calling thread: console input, host signals, and guest
 //! events, until the guest ends.
 
-use std::io::Read;
-use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::thread::JoinHandleExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::arch::layout::{self, e820_map, ram_regions};
-use crate::arch::{gdt, mptable, paging};
+use crate::arch::{self, mptable};
 use crate::boot;
 use crate::cmdline::{self, InitParams};
-use crate::control::{Control, VmEvent};
+pub use crate::control::Outcome;
+use crate::control::{Control, ControlLoop, VmEvent};
+use crate::device_manager::{self, DeviceManager};
+use crate::devices::console::{Console, ConsoleSink, ConsoleStats, ConsoleThread};
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::serial::{
-    ConsoleOutput, ConsoleTail, SerialDevice, COM1_BASE, COM1_IRQ, COM1_LEN,
+    ConsoleTail, ConsoleWriter, SerialDevice, COM1_BASE, COM1_IRQ, COM1_LEN,
 };
 use crate::devices::status::{StatusDevice, STATUS_PORT_BASE, STATUS_PORT_LEN};
-use crate::devices::virtio::{
-    self, BlockConfig, BlockHandle, EventLoop, EventLoopThread, MmioDeviceSetup, NetConfig,
-    NetHandle, QUEUE_NOTIFY_OFFSET,
-};
+use crate::devices::virtio::{BlockConfig, NetConfig};
 use crate::devices::{bus, Bus};
 use crate::host::HostKind;
 use crate::profile::Sampler;
+use crate::raw::{CpuMode, RawImage};
+use crate::signals::Signals;
 use crate::stats::ExitStats;
+use crate::trace::TraceSender;
 use crate::vcpu::{self, Vcpu, VcpuContext, STOP_TIMEOUT};
+use crate::vsock::VsockConfig;
 
 /// The smallest guest vmlab boots: room for the kernel, its page tables and
 /// an initramfs.
@@ -51,13 +52,44 @@ pub const MIN_MEMORY: u64 = 32 << 20;
 /// The largest guest: 1 TiB.
 pub const MAX_MEMORY: u64 = 1 << 40;
 
+/// What the guest boots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Payload {
+    /// A Linux kernel (ELF vmlinux, entered at its 64-bit entry, or a
+    /// bzImage) and an optional initial ramdisk.
+    Linux {
+        /// The kernel image.
+        kernel: PathBuf,
+        /// Initial ramdisk.
+        initrd: Option<PathBuf>,
+    },
+    /// A flat binary (`--raw`): no boot protocol, no command line, no
+    /// init; the image is the whole guest.
+    Raw(RawImage),
+}
+
+impl Payload {
+    /// The initrd, if Linux boots with one.
+    fn initrd(&self) -> Option<&PathBuf> {
+        match self {
+            Payload::Linux { initrd, .. } => initrd.as_ref(),
+            Payload::Raw(_) => None,
+        }
+    }
+}
+
+/// A payload on its way into guest memory: a kernel loads on a thread of
+/// its own while the machine is set up; a raw image is copied later.
+enum Staged<'a> {
+    Linux(boot::BackgroundLoad),
+    Raw(&'a RawImage),
+}
+
 /// Everything that describes a VM to build.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
-    /// Kernel image (ELF vmlinux or bzImage).
-    pub kernel: PathBuf,
-    /// Initial ramdisk.
-    pub initrd: Option<PathBuf>,
+    /// The kernel and initrd, or a raw image.
+    pub payload: Payload,
     /// User's additions to the kernel command line.
     pub cmdline: Option<String>,
     /// Guest RAM in bytes.
@@ -74,9 +106,14 @@ pub struct VmConfig {
     pub disks: Vec<BlockConfig>,
     /// virtio-net interfaces on host TAP devices, in order: eth0, eth1...
     pub nets: Vec<NetConfig>,
+    /// A virtio-vsock device (`--vsock`): the guest's CID and the host
+    /// socket.
+    pub vsock: Option<VsockConfig>,
     /// Sample the guest's RIP at this interval (`--profile-guest`); the
     /// samples come back in the run report's statistics.
     pub profile_period: Option<Duration>,
+    /// `--trace-exits`: where each vCPU records its exits.
+    pub trace: Option<TraceSender>,
 }
 
 /// Errors building or running the VM.
@@ -110,29 +147,24 @@ pub enum Error {
     /// Loading the kernel or initrd failed.
     #[error(transparent)]
     Boot(#[from] boot::Error),
-    /// Writing a boot structure failed.
-    #[error("cannot write the {what} into guest memory: {source}")]
-    BootStructure {
-        /// Which one.
-        what: &'static str,
-        /// Why.
-        source: vm_memory::GuestMemoryError,
-    },
-    /// MP table.
+    /// Loading a `--raw` image failed.
     #[error(transparent)]
-    MpTable(#[from] mptable::Error),
+    Raw(#[from] crate::raw::Error),
+    /// Writing the MP table, page tables or GDT failed.
+    #[error(transparent)]
+    Arch(#[from] arch::Error),
     /// vCPU setup.
     #[error(transparent)]
     Vcpu(#[from] vcpu::Error),
     /// Device bus.
     #[error("device setup: {0}")]
     Bus(#[from] bus::Error),
-    /// A virtio device could not be created.
+    /// The control loop failed.
     #[error(transparent)]
-    Virtio(#[from] virtio::Error),
-    /// The virtio event loop failed.
+    Control(#[from] crate::control::Error),
+    /// A virtio device could not be created or attached.
     #[error(transparent)]
-    EventLoop(#[from] virtio::event_loop::Error),
+    Devices(#[from] device_manager::Error),
     /// A host resource (eventfd, epoll, thread, signal) failed.
     #[error("{what}: {source}")]
     Host {
@@ -145,103 +177,12 @@ pub enum Error {
 
 type Result<T> = std::result::Result<T, Error>;
 
-/// Hands out virtio-mmio windows and interrupt lines, one per device, in
-/// one sequence for every kind of virtio device.
-#[derive(Default)]
-struct VirtioSlots {
-    next: u32,
-}
-
-impl VirtioSlots {
-    /// Gives `device` the next MMIO window and GSI: registers its irqfd
-    /// and queue ioeventfds with KVM, puts its transport on the MMIO bus,
-    /// and returns the `virtio_mmio.device=` entry for the command line.
-    fn attach(&mut self, vm_fd: &VmFd, mmio: &mut Bus, device: &MmioDeviceSetup) -> Result<String> {
-        let gsi = layout::IRQ_BASE + self.next;
-        if gsi > layout::IRQ_MAX {
-            return Err(Error::Config(format!(
-                "too many devices: vmlab has {} interrupt lines for virtio devices (disks and \
-                 network interfaces together)",
-                layout::IRQ_MAX - layout::IRQ_BASE + 1
-            )));
-        }
-        let base = layout::VIRTIO_MMIO_START + u64::from(self.next) * layout::VIRTIO_MMIO_SIZE;
-        self.next += 1;
-        vm_fd
-            .register_irqfd(&device.irq_fd, gsi)
-            .map_err(kvm_err("KVM_IRQFD for a virtio device"))?;
-        for (fd, queue) in &device.notify_fds {
-            vm_fd
-                .register_ioevent(
-                    fd,
-                    &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET),
-                    *queue,
-                )
-                .map_err(kvm_err("KVM_IOEVENTFD for a virtio queue"))?;
-        }
-        mmio.insert(base, layout::VIRTIO_MMIO_SIZE, device.transport.clone())?;
-        Ok(virtio::kernel_cmdline_device(
-            base,
-            layout::VIRTIO_MMIO_SIZE,
-            gsi,
-        ))
-    }
-}
-
 fn host_err(what: &'static str) -> impl Fn(std::io::Error) -> Error {
     move |source| Error::Host { what, source }
 }
 
 fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> Error {
     move |source| Error::Kvm { what, source }
-}
-
-/// How a VM run ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// The guest's command exited with this status.
-    CommandExited(u8),
-    /// The guest powered off.
-    PowerOff,
-    /// The guest rebooted (vmlab, like Firecracker, ends on reboot).
-    Reboot,
-    /// The guest halted.
-    Halt,
-    /// The guest kernel panicked; the panic message.
-    Panic(String),
-    /// A vCPU triple-faulted.
-    TripleFault(u8),
-    /// vmlab had to stop the guest.
-    Fatal(String),
-    /// A host signal stopped vmlab.
-    Signal(i32),
-}
-
-impl Outcome {
-    /// vmlab's exit status for this outcome: the command's own status, 0
-    /// for a clean guest shutdown, 128+N for host signal N, and 125 (as
-    /// `docker run` does for its own failures) when the guest crashed.
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            Outcome::CommandExited(code) => i32::from(*code),
-            Outcome::PowerOff | Outcome::Reboot | Outcome::Halt => 0,
-            Outcome::Signal(sig) => 128 + sig,
-            Outcome::Panic(_) | Outcome::TripleFault(_) | Outcome::Fatal(_) => 125,
-        }
-    }
-
-    /// A message for the user when the outcome is a failure.
-    pub fn failure_message(&self) -> Option<String> {
-        match self {
-            Outcome::Panic(msg) => Some(format!("the guest kernel panicked: {msg}")),
-            Outcome::TripleFault(cpu) => Some(format!(
-                "vCPU {cpu} triple-faulted: the guest reset itself after an unrecoverable fault \
-                 (run with -v -v for registers)"
-            )),
-            Outcome::Fatal(msg) => Some(msg.clone()),
-            _ => None,
-        }
-    }
 }
 
 /// Timings and statistics of one run.
@@ -257,6 +198,8 @@ pub struct RunReport {
     pub ended: Instant,
     /// Exit statistics of all vCPUs.
     pub stats: ExitStats,
+    /// What the console wrote and dropped.
+    pub console: ConsoleStats,
 }
 
 /// A built VM, ready to run.
@@ -266,20 +209,20 @@ pub struct Vm {
     vcpus: Vec<Vcpu>,
     ctx: VcpuContext,
     serial: Arc<Mutex<SerialDevice>>,
+    console: Arc<Console>,
+    console_sink: Option<ConsoleSink>,
     rx_ready: Arc<EventFd>,
     tail: ConsoleTail,
     events: Receiver<VmEvent>,
     forward_stdin: bool,
     cmdline: String,
-    event_loop: Option<EventLoop>,
-    disks: Vec<BlockHandle>,
-    nets: Vec<NetHandle>,
+    devices: DeviceManager,
     profile_period: Option<Duration>,
 }
 
 impl Vm {
     /// Builds the VM described by `config`, sending console output to `out`.
-    pub fn build(config: &VmConfig, out: Box<dyn std::io::Write + Send>) -> Result<Vm> {
+    pub fn build(config: &VmConfig, out: ConsoleSink) -> Result<Vm> {
         validate(config)?;
 
         // The machine: KVM VM with in-kernel PIC/IOAPIC/LAPIC and PIT.
@@ -311,12 +254,15 @@ impl Vm {
         // The kernel and initrd go into it on a thread of their own while
         // the rest of the machine is set up; joined before the boot
         // structures are written.
-        let images = boot::BackgroundLoad::start(
-            mem.clone(),
-            config.kernel.clone(),
-            config.initrd.clone(),
-            config.mem_size,
-        )?;
+        let staged = match &config.payload {
+            Payload::Linux { kernel, initrd } => Staged::Linux(boot::BackgroundLoad::start(
+                mem.clone(),
+                kernel.clone(),
+                initrd.clone(),
+                config.mem_size,
+            )?),
+            Payload::Raw(raw) => Staged::Raw(raw),
+        };
         register_memory(&vm_fd, &mem)?;
         vm_fd
             .set_tss_address(layout::KVM_TSS_ADDRESS)
@@ -343,39 +289,26 @@ impl Vm {
             }
         }
 
-        // virtio devices: each gets a 4 KiB MMIO window, an IOAPIC pin and
-        // a `virtio_mmio.device=` entry on the command line. Their queues
-        // are served on the virtio event-loop thread; a vCPU's write to
-        // QueueNotify never leaves KVM (ioeventfd).
-        let event_loop = EventLoop::new()?;
-        let mut mmio = Bus::new();
-        let mut device_cmdline = Vec::new();
-        // Disks first, so that the first disk is /dev/vda whatever else
-        // is attached; then network interfaces (eth0, eth1, ... in order).
-        let mut slots = VirtioSlots::default();
-        let mut disks = Vec::new();
+        // virtio devices: the device manager gives each an MMIO window, an
+        // interrupt line and a `virtio_mmio.device=` entry, and wires its
+        // queue notifications (ioeventfd) and interrupt (irqfd) into KVM.
+        // Each device runs on its own thread. Disks first, so that the
+        // first disk is /dev/vda whatever else is attached; then network
+        // interfaces (eth0, eth1, ... in order).
+        let mut devices = DeviceManager::new(mem.clone())?;
         for disk in &config.disks {
-            let irq = EventFd::new(EFD_NONBLOCK).map_err(host_err("eventfd"))?;
-            let setup = virtio::create_block_device(disk, mem.clone(), &event_loop.handle(), irq)?;
-            let entry = slots.attach(&vm_fd, &mut mmio, &setup.device)?;
-            device_cmdline.push(entry);
-            disks.push(setup.disk);
+            devices.attach_block(&vm_fd, disk)?;
         }
-        let mut nets = Vec::new();
         for (i, net) in config.nets.iter().enumerate() {
-            let irq = EventFd::new(EFD_NONBLOCK).map_err(host_err("eventfd"))?;
-            let setup = virtio::create_net_device(net, i, mem.clone(), &event_loop.handle(), irq)?;
-            let entry = slots.attach(&vm_fd, &mut mmio, &setup.device)?;
-            device_cmdline.push(entry);
-            log::debug!(
-                "virtio-net: tap {} as eth{i}, MAC {}",
-                setup.net.name(),
-                setup.net.mac()
-            );
-            nets.push(setup.net);
+            devices.attach_net(&vm_fd, net, i)?;
         }
+        // Last, so that adding a vsock device moves no disk or interface.
+        if let Some(vsock) = &config.vsock {
+            devices.attach_vsock(&vm_fd, vsock)?;
+        }
+        let mut device_cmdline = devices.cmdline_entries().to_vec();
         // Without an initramfs the first disk is the root filesystem.
-        if config.initrd.is_none() {
+        if config.payload.initrd().is_none() {
             if let Some(first) = config.disks.first() {
                 device_cmdline.push("root=/dev/vda".into());
                 // Linux mounts the root read-only unless told `rw`.
@@ -386,44 +319,61 @@ impl Vm {
         }
 
         // Kernel, initrd, command line and the structures that describe
-        // the machine to the kernel.
-        let (kernel, initrd) = images.wait()?;
-        log::debug!(
-            "kernel {:?}: entry {:#x}, ends at {:#x}",
-            kernel.format,
-            kernel.entry,
-            kernel.end
-        );
-        let cmdline = cmdline::assemble(
-            config.host.cmdline_quirks(),
-            &device_cmdline,
-            &config.init,
-            config.cmdline.as_deref(),
-        );
-        boot::write_cmdline(&mem, &cmdline, kernel.cmdline_max)?;
-        let setup_data = boot::write_rng_seed(&mem)?;
-        let params = boot::build_boot_params(
-            &kernel,
-            &boot::BootInfo {
-                cmdline_len: cmdline.len(),
-                initrd,
-                e820: e820_map(config.mem_size),
-                setup_data: Some(setup_data),
-            },
-        );
-        write(&mem, layout::ZERO_PAGE_START, params, "boot_params")?;
-        let table = mptable::build(layout::MPTABLE_START, config.cpus)?;
-        write_bytes(&mem, layout::MPTABLE_START, &table, "MP table")?;
-        for table in paging::identity_map_1g() {
-            let bytes: Vec<u8> = table.entries.iter().flat_map(|e| e.to_le_bytes()).collect();
-            write_bytes(&mem, table.addr, &bytes, "page tables")?;
-        }
-        let gdt_bytes: Vec<u8> = gdt::boot_gdt()
-            .iter()
-            .flat_map(|e| e.to_le_bytes())
-            .collect();
-        write_bytes(&mem, layout::BOOT_GDT_START, &gdt_bytes, "GDT")?;
-        write_bytes(&mem, layout::BOOT_IDT_START, &[0; 8], "IDT")?;
+        // the machine to the kernel; or a raw image, which gets none of
+        // them (in long mode only the page tables and GDT).
+        let (entry, mode, cmdline) = match staged {
+            Staged::Raw(raw) => {
+                let loaded = raw.load(&mem, config.mem_size)?;
+                log::debug!(
+                    "raw image {}: {} bytes at {:#x}, entry {:#x} in {:?} mode",
+                    raw.path.display(),
+                    loaded.size,
+                    loaded.load,
+                    loaded.entry,
+                    raw.mode
+                );
+                if raw.mode == CpuMode::Long {
+                    arch::write_long_mode_tables(&mem)?;
+                }
+                (loaded.entry, raw.mode, String::new())
+            }
+            Staged::Linux(images) => {
+                let (kernel, initrd) = images.wait()?;
+                log::debug!(
+                    "kernel {:?}: entry {:#x}, ends at {:#x}",
+                    kernel.format,
+                    kernel.entry,
+                    kernel.end
+                );
+                #[cfg(not(feature = "test-break-hardware"))]
+                let quirks = config.host.cmdline_quirks();
+                // scripts/test-svm.sh --self-check-broken: a build that
+                // applies a PVM-only change on hardware, silently, which its
+                // lane must catch.
+                #[cfg(feature = "test-break-hardware")]
+                let quirks = crate::host::PVM_CMDLINE;
+                let cmdline = cmdline::assemble(
+                    quirks,
+                    &device_cmdline,
+                    &config.init,
+                    config.cmdline.as_deref(),
+                );
+                boot::write_cmdline(&mem, &cmdline, kernel.cmdline_max)?;
+                let setup_data = boot::write_rng_seed(&mem)?;
+                let params = boot::build_boot_params(
+                    &kernel,
+                    &boot::BootInfo {
+                        cmdline_len: cmdline.len(),
+                        initrd,
+                        e820: e820_map(config.mem_size),
+                        setup_data: Some(setup_data),
+                    },
+                );
+                boot::write_boot_params(&mem, &params)?;
+                arch::write_boot_tables(&mem, config.cpus)?;
+                (kernel.entry, CpuMode::Long, cmdline)
+            }
+        };
 
         // Devices.
         let (control, events) = Control::new().map_err(host_err("eventfd"))?;
@@ -434,13 +384,13 @@ impl Vm {
             .register_irqfd(&serial_irq, COM1_IRQ)
             .map_err(kvm_err("KVM_IRQFD for COM1"))?;
         let rx_ready = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(host_err("eventfd"))?);
-        // Per-byte flushes only when a person watches a terminal (a shell
-        // prompt must appear before its newline); pipes get whole lines.
-        let console = ConsoleOutput::new(out, tail.clone(), config.init.tty);
+        // The UART writes into the console buffer; the console thread
+        // (started by `run`) writes that to `out`.
+        let console = Console::new();
         let serial = Arc::new(Mutex::new(SerialDevice::new(
             serial_irq,
             rx_ready.clone(),
-            console,
+            ConsoleWriter::new(console.clone(), tail.clone()),
         )));
         let mut pio = Bus::new();
         pio.insert(COM1_BASE, COM1_LEN, serial.clone())?;
@@ -452,19 +402,25 @@ impl Vm {
         pio.insert(
             STATUS_PORT_BASE,
             STATUS_PORT_LEN,
-            Arc::new(Mutex::new(StatusDevice::new(control.clone()))),
+            Arc::new(Mutex::new(StatusDevice::new(
+                control.clone(),
+                console.clone(),
+            ))),
         )?;
 
         // vCPUs.
+        let stop = control.stop_flag();
         let ctx = VcpuContext {
             pio: Arc::new(pio),
-            mmio: Arc::new(mmio),
+            mmio: Arc::new(devices.mmio_bus().clone()),
             control,
             mem,
             host: config.host,
-            stop: Arc::new(AtomicBool::new(false)),
+            stop,
             first_run: Arc::new(OnceLock::new()),
             profile_start: config.profile_period.map(|_| Instant::now()),
+            trace: config.trace.clone(),
+            started: Instant::now(),
         };
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
         for id in 0..config.cpus {
@@ -472,7 +428,7 @@ impl Vm {
                 .create_vcpu(u64::from(id))
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
             let vcpu = Vcpu::new(id, fd, ctx.clone());
-            vcpu.configure(&kvm, config.cpus, kernel.entry)?;
+            vcpu.configure(&kvm, config.cpus, entry, mode)?;
             vcpus.push(vcpu);
         }
 
@@ -482,14 +438,14 @@ impl Vm {
             vcpus,
             ctx,
             serial,
+            console,
+            console_sink: Some(out),
             rx_ready,
             tail,
             events,
             forward_stdin: config.forward_stdin,
             cmdline,
-            event_loop: Some(event_loop),
-            disks,
-            nets,
+            devices,
             profile_period: config.profile_period,
         })
     }
@@ -501,7 +457,7 @@ impl Vm {
 
     /// Runs the guest to its end.
     pub fn run(mut self) -> Result<RunReport> {
-        let signals = HostSignals::new()?;
+        let signals = Signals::stop_signals().map_err(host_err("blocking signals"))?;
         register_signal_handler(SIGRTMIN() + KICK_SIGNAL_OFFSET, vcpu::kick_handler).map_err(
             |e| Error::Host {
                 what: "installing the vCPU kick handler",
@@ -509,8 +465,24 @@ impl Vm {
             },
         )?;
 
-        let virtio_thread = match self.event_loop.take() {
-            Some(event_loop) => Some(event_loop.start()?),
+        let console_thread = match self.console_sink.take() {
+            Some(sink) => {
+                // When the guest found the transmitter busy and the thread
+                // has made room: the UART's transmitter-empty interrupt.
+                let serial = Arc::downgrade(&self.serial);
+                let kick = Box::new(move || {
+                    if let Some(serial) = serial.upgrade() {
+                        serial
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .kick_transmitter();
+                    }
+                });
+                Some(
+                    ConsoleThread::start(self.console.clone(), sink, kick)
+                        .map_err(host_err("spawning the console thread"))?,
+                )
+            }
             None => None,
         };
         let mut threads = Vec::new();
@@ -536,17 +508,40 @@ impl Vm {
             None => None,
         };
 
-        let loop_result = self.control_loop(&signals);
+        let loop_result = ControlLoop {
+            control: &self.ctx.control,
+            events: &self.events,
+            serial: &self.serial,
+            rx_ready: &self.rx_ready,
+            tail: &self.tail,
+            forward_stdin: self.forward_stdin,
+        }
+        .run(&signals);
         let ended = Instant::now();
         if let Some(s) = sampler.as_mut() {
             s.stop();
         }
         let stats = self.stop_vcpus(threads);
-        self.stop_devices(virtio_thread);
-        self.serial
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .flush();
+        // Once no vCPU can queue more work: every device thread stops
+        // after its request, then the disks are flushed.
+        self.devices.stop();
+        // What the guest printed is written out; after a host signal only
+        // briefly (stdout may be a pipe nobody reads, and vmlab must stop).
+        let limit = match &loop_result {
+            Ok((Outcome::Signal(_), _)) | Err(_) => CONSOLE_DRAIN_ON_SIGNAL,
+            Ok(_) => CONSOLE_DRAIN,
+        };
+        let console = match console_thread {
+            Some(thread) => thread.finish(limit),
+            None => self.console.stats(),
+        };
+        if console.dropped > 0 {
+            log::debug!(
+                "console: {} bytes of guest output dropped (stdout did not take them)",
+                console.dropped
+            );
+        }
+        drop(signals);
         let (outcome, init_up) = loop_result?;
         Ok(RunReport {
             outcome,
@@ -554,159 +549,8 @@ impl Vm {
             init_up,
             ended,
             stats,
+            console,
         })
-    }
-
-    fn control_loop(&mut self, signals: &HostSignals) -> Result<(Outcome, Option<Instant>)> {
-        const TOKEN_CONTROL: u64 = 0;
-        const TOKEN_SIGNAL: u64 = 1;
-        const TOKEN_STDIN: u64 = 2;
-        const TOKEN_RX_READY: u64 = 3;
-        let epoll = Epoll::new().map_err(host_err("epoll"))?;
-        let add = |fd: RawFd, token: u64| {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, token),
-                )
-                .map_err(host_err("epoll_ctl"))
-        };
-        add(self.ctx.control.wake_fd().as_raw_fd(), TOKEN_CONTROL)?;
-        add(signals.fd(), TOKEN_SIGNAL)?;
-        let stdin_fd = std::io::stdin().as_raw_fd();
-        let mut stdin_open = self.forward_stdin;
-        if stdin_open {
-            add(self.rx_ready.as_raw_fd(), TOKEN_RX_READY)?;
-            if add(stdin_fd, TOKEN_STDIN).is_err() {
-                // A regular file or /dev/null cannot be polled; input from
-                // it is not forwarded.
-                stdin_open = false;
-            }
-        }
-        let mut pending: Vec<u8> = Vec::new();
-        let mut init_up = None;
-        let mut ready = vec![EpollEvent::default(); 8];
-        loop {
-            let n = match epoll.wait(-1, &mut ready) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(host_err("epoll_wait")(e)),
-            };
-            for event in &ready[..n] {
-                match event.data() {
-                    TOKEN_CONTROL => {
-                        let _ = self.ctx.control.wake_fd().read();
-                        while let Ok(ev) = self.events.try_recv() {
-                            if let VmEvent::InitUp(at) = ev {
-                                init_up.get_or_insert(at);
-                                log::debug!("guest init is up");
-                                continue;
-                            }
-                            return Ok((self.outcome_of(ev), init_up));
-                        }
-                    }
-                    TOKEN_SIGNAL => {
-                        if let Some(sig) = signals.read() {
-                            log::info!("received signal {sig}: stopping the guest");
-                            return Ok((Outcome::Signal(sig), init_up));
-                        }
-                    }
-                    TOKEN_RX_READY => {
-                        let _ = self.rx_ready.read();
-                        self.feed_serial(&mut pending);
-                        if pending.is_empty() && stdin_open {
-                            let _ = epoll.ctl(
-                                ControlOperation::Add,
-                                stdin_fd,
-                                EpollEvent::new(EventSet::IN, TOKEN_STDIN),
-                            );
-                        }
-                    }
-                    TOKEN_STDIN => {
-                        let mut buf = [0u8; 64];
-                        match std::io::stdin().lock().read(&mut buf) {
-                            Ok(0) | Err(_) => {
-                                stdin_open = false;
-                                let _ = epoll.ctl(
-                                    ControlOperation::Delete,
-                                    stdin_fd,
-                                    EpollEvent::default(),
-                                );
-                            }
-                            Ok(n) => {
-                                pending.extend_from_slice(&buf[..n]);
-                                self.feed_serial(&mut pending);
-                                if !pending.is_empty() {
-                                    // Wait for the guest to drain the FIFO
-                                    // before reading more.
-                                    let _ = epoll.ctl(
-                                        ControlOperation::Delete,
-                                        stdin_fd,
-                                        EpollEvent::default(),
-                                    );
-                                }
-                            }
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        }
-    }
-
-    fn feed_serial(&self, pending: &mut Vec<u8>) {
-        if pending.is_empty() {
-            return;
-        }
-        let taken = self
-            .serial
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .enqueue_input(pending);
-        pending.drain(..taken);
-    }
-
-    fn outcome_of(&self, event: VmEvent) -> Outcome {
-        match event {
-            VmEvent::CommandExited(code) => Outcome::CommandExited(code),
-            VmEvent::PowerOff => Outcome::PowerOff,
-            VmEvent::Reboot => Outcome::Reboot,
-            VmEvent::Halt => Outcome::Halt,
-            // A reset nobody announced is a `reboot -f` or, with panic=-1,
-            // a kernel panic: the console says which.
-            VmEvent::Reset => match self.tail.panic_message() {
-                Some(msg) => Outcome::Panic(msg),
-                None => Outcome::Reboot,
-            },
-            VmEvent::TripleFault { vcpu } => Outcome::TripleFault(vcpu),
-            VmEvent::Fatal { vcpu, message } => Outcome::Fatal(format!("vCPU {vcpu}: {message}")),
-            VmEvent::InitUp(_) => Outcome::Fatal("internal: InitUp is not an outcome".into()),
-        }
-    }
-
-    /// Stops the device thread once no vCPU can queue more work, then makes
-    /// everything the guest wrote durable: on a guest power-off and on a
-    /// host signal alike, the disk images hold all the guest's writes.
-    fn stop_devices(&self, virtio_thread: Option<EventLoopThread>) {
-        if let Some(thread) = virtio_thread {
-            if !thread.stop() {
-                log::error!("the virtio device thread panicked");
-            }
-        }
-        for disk in &self.disks {
-            if let Err(e) = disk.flush() {
-                log::error!("cannot flush disk {}: {e}", disk.path().display());
-            }
-        }
-        for net in &self.nets {
-            let stats = net.stats();
-            if stats.tx_malformed + stats.rx_malformed > 0 {
-                log::warn!("virtio-net {}: {stats}", net.name());
-            } else {
-                log::debug!("virtio-net {}: {stats}", net.name());
-            }
-        }
     }
 
     /// Stops every vCPU thread and collects their statistics.
@@ -740,6 +584,12 @@ impl Vm {
     }
 }
 
+/// How long the console may take to write the guest's last output when
+/// the guest ended (at most a buffer's worth, 64 KiB)...
+const CONSOLE_DRAIN: Duration = Duration::from_secs(5);
+/// ...and when a host signal stopped vmlab.
+const CONSOLE_DRAIN_ON_SIGNAL: Duration = Duration::from_secs(1);
+
 /// The real-time signal (offset from SIGRTMIN) used to kick vCPU threads.
 const KICK_SIGNAL_OFFSET: i32 = 0;
 
@@ -749,6 +599,12 @@ fn validate(config: &VmConfig) -> Result<()> {
             "--cpus {}: vmlab runs 1 to {} vCPUs",
             config.cpus,
             mptable::MAX_CPUS
+        )));
+    }
+    if matches!(config.payload, Payload::Raw(_)) && config.cpus != 1 {
+        return Err(Error::Config(format!(
+            "--cpus {}: a --raw image runs on one vCPU (nothing would start the others)",
+            config.cpus
         )));
     }
     if config.mem_size < MIN_MEMORY {
@@ -764,6 +620,9 @@ fn validate(config: &VmConfig) -> Result<()> {
             config.mem_size >> 30,
             MAX_MEMORY >> 30
         )));
+    }
+    if let Some(vsock) = &config.vsock {
+        crate::vsock::validate_cid(vsock.cid).map_err(Error::Config)?;
     }
     if !config.mem_size.is_multiple_of(4096) {
         return Err(Error::Config(
@@ -824,89 +683,16 @@ fn register_memory(vm_fd: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
     Ok(())
 }
 
-fn write<T: vm_memory::ByteValued>(
-    mem: &GuestMemoryMmap,
-    addr: u64,
-    value: T,
-    what: &'static str,
-) -> Result<()> {
-    mem.write_obj(value, GuestAddress(addr))
-        .map_err(|source| Error::BootStructure { what, source })
-}
-
-fn write_bytes(mem: &GuestMemoryMmap, addr: u64, bytes: &[u8], what: &'static str) -> Result<()> {
-    mem.write_slice(bytes, GuestAddress(addr))
-        .map_err(|source| Error::BootStructure { what, source })
-}
-
-/// SIGTERM, SIGINT, SIGHUP and SIGQUIT, taken through a signalfd so that
-/// the control loop handles them like any other event and the guest's
-/// disks are flushed before vmlab exits.
-struct HostSignals {
-    fd: std::os::fd::OwnedFd,
-}
-
-const HANDLED_SIGNALS: [i32; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT];
-
-impl HostSignals {
-    fn new() -> Result<HostSignals> {
-        // SAFETY: sigset_t is plain data, initialized by sigemptyset.
-        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-        // SAFETY: `set` is a valid sigset_t; the signal numbers are valid.
-        unsafe {
-            libc::sigemptyset(&mut set);
-            for sig in HANDLED_SIGNALS {
-                libc::sigaddset(&mut set, sig);
-            }
-        }
-        // Block them in this thread before any vCPU thread exists, so every
-        // thread inherits the mask and only the signalfd sees them.
-        // SAFETY: `set` is initialized; the old mask is not needed.
-        let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-        if rc != 0 {
-            return Err(host_err("blocking signals")(
-                std::io::Error::from_raw_os_error(rc),
-            ));
-        }
-        // SAFETY: -1 asks for a new signalfd for the initialized `set`.
-        let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(host_err("signalfd")(std::io::Error::last_os_error()));
-        }
-        // SAFETY: `fd` was just returned by signalfd and is owned by no one.
-        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-        Ok(HostSignals { fd })
-    }
-
-    fn fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
-    }
-
-    /// The next pending signal number.
-    fn read(&self) -> Option<i32> {
-        // SAFETY: signalfd_siginfo is plain data.
-        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-        let size = std::mem::size_of::<libc::signalfd_siginfo>();
-        // SAFETY: reads at most `size` bytes into `info`.
-        let n = unsafe {
-            libc::read(
-                self.fd(),
-                (&mut info as *mut libc::signalfd_siginfo).cast(),
-                size,
-            )
-        };
-        (n == size as isize).then_some(info.ssi_signo as i32)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn config() -> VmConfig {
         VmConfig {
-            kernel: PathBuf::from("/nonexistent"),
-            initrd: None,
+            payload: Payload::Linux {
+                kernel: PathBuf::from("/nonexistent"),
+                initrd: None,
+            },
             cmdline: None,
             mem_size: 256 << 20,
             cpus: 1,
@@ -915,7 +701,9 @@ mod tests {
             forward_stdin: false,
             disks: Vec::new(),
             nets: Vec::new(),
+            vsock: None,
             profile_period: None,
+            trace: None,
         }
     }
 
@@ -932,19 +720,5 @@ mod tests {
         assert!(bad(|c| c.mem_size = 1 << 20).contains("too small"));
         assert!(bad(|c| c.mem_size = 2 << 40).contains("more than"));
         assert!(bad(|c| c.mem_size = (64 << 20) + 1).contains("4 KiB pages"));
-    }
-
-    #[test]
-    fn exit_codes() {
-        assert_eq!(Outcome::CommandExited(3).exit_code(), 3);
-        assert_eq!(Outcome::PowerOff.exit_code(), 0);
-        assert_eq!(Outcome::Reboot.exit_code(), 0);
-        assert_eq!(Outcome::Signal(15).exit_code(), 143);
-        assert_eq!(Outcome::Panic("x".into()).exit_code(), 125);
-        assert!(Outcome::TripleFault(0)
-            .failure_message()
-            .unwrap()
-            .contains("triple"));
-        assert!(Outcome::CommandExited(1).failure_message().is_none());
     }
 }

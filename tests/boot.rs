@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use vmlab::host::HostKind;
 
 /// vmlinux + the gzip initramfs: the guest's kernel release (not the
 /// host's), a reboot from inside the guest through the i8042 reset line,
@@ -17,8 +18,12 @@ fn vmlinux_gzip_initramfs_release_reboot_stats() {
         .arg("--initrd")
         .arg(dir.join("initramfs.cpio.gz"))
         .args(["--stats", "--boot-time", "--"])
-        .args(["sh", "-c", "uname -r; reboot -f"]);
-    let run = run_with_deadline(cmd, BOOT_LIMIT);
+        .args([
+            "sh",
+            "-c",
+            "uname -r; echo \"cmdline: $(cat /proc/cmdline)\"; reboot -f",
+        ]);
+    let run = run_guest(cmd, BOOT_LIMIT);
     let lines = run.lines();
     let release = guest_release();
     assert_eq!(
@@ -40,6 +45,8 @@ fn vmlinux_gzip_initramfs_release_reboot_stats() {
             run.dump()
         );
     }
+    // The PVM-only options reach the guest on a PVM host and only there.
+    assert_guest_cmdline(&run, "cmdline: ", expected_host() == HostKind::NestedPvm);
     // --stats: a table with serial-port exits, the status port and the
     // i8042 reset.
     assert!(
@@ -87,7 +94,7 @@ fn bzimage_two_cpus_nproc_and_exit_status() {
         .arg("--initrd")
         .arg(dir.join("initramfs.cpio"))
         .args(["--cpus", "2", "--", "sh", "-c", "uname -r; nproc; exit 3"]);
-    let run = run_with_deadline(cmd, BOOT_LIMIT);
+    let run = run_guest(cmd, BOOT_LIMIT);
     assert_eq!(run.code(), Some(3), "{}", run.dump());
     let lines = run.lines();
     assert!(lines.contains(&guest_release()), "{}", run.dump());
@@ -107,7 +114,7 @@ fn guest_panic_is_reported() {
     cmd.args(["run", "--kernel"])
         .arg(dir.join("vmlinux"))
         .args(["--cmdline", "rdinit=/nonexistent init=/nonexistent"]);
-    let run = run_with_deadline(cmd, BOOT_LIMIT);
+    let run = run_guest(cmd, BOOT_LIMIT);
     assert_eq!(run.code(), Some(125), "{}", run.dump());
     assert!(
         run.stderr
@@ -115,4 +122,51 @@ fn guest_panic_is_reported() {
         "{}",
         run.dump()
     );
+}
+
+/// vmlinux + the uncompressed initramfs with `--host-quirks MODE`.
+fn run_with_quirks(mode: &str, command: &[&str]) -> Run {
+    let dir = guest_dir();
+    let mut cmd = vmlab();
+    cmd.args(["run", "--host-quirks", mode, "--kernel"])
+        .arg(dir.join("vmlinux"))
+        .arg("--initrd")
+        .arg(dir.join("initramfs.cpio"))
+        .arg("--")
+        .args(command);
+    run_with_deadline(cmd, BOOT_LIMIT)
+}
+
+/// `--host-quirks pvm` forced on any host: the workarounds are harmless
+/// on hardware virtualization (scripts/test-svm.sh runs this on nested
+/// SVM), so the guest boots, gets every PVM-only option and runs the
+/// command with the emulation fallback armed.
+#[test]
+fn forced_pvm_quirks_boot_on_any_host() {
+    let script = "echo \"cmdline: $(cat /proc/cmdline)\"; exit 5";
+    let run = run_with_quirks("pvm", &["sh", "-c", script]);
+    assert_eq!(run.code(), Some(5), "{}", run.dump());
+    run.assert_stderr(true, "(forced by --host-quirks pvm); adding");
+    run.assert_stderr(true, "emulation fallback on");
+    assert_guest_cmdline(&run, "cmdline: ", true);
+}
+
+/// `--host-quirks none` on a PVM host fails as docs/HOST.md says: the
+/// guest kernel reaches an instruction this host's KVM rejects, and
+/// without the emulation fallback vmlab stops with KVM's internal error
+/// (exit status 125). Hardware hosts skip it (nothing to fail there).
+#[test]
+fn no_quirks_on_a_pvm_host_stops_at_a_rejected_instruction() {
+    if expected_host() != HostKind::NestedPvm {
+        eprintln!("skipped: this host is not a PVM host (nothing to fail without workarounds)");
+        return;
+    }
+    let run = run_with_quirks("none", &["echo", "hi"]);
+    assert_eq!(run.code(), Some(125), "{}", run.dump());
+    run.assert_stderr(
+        true,
+        "KVM internal error (suberror 1): KVM could not run the guest's instruction",
+    );
+    run.assert_stderr(false, "emulation fallback on");
+    assert!(!run.lines().iter().any(|l| l == "hi"), "{}", run.dump());
 }

@@ -177,6 +177,90 @@ fn unknown_flag() {
     );
 }
 
+/// `--raw`: an empty image, an entry outside it, an image larger than
+/// where it goes in guest memory, a directory, options without --raw.
+#[test]
+fn raw_image_errors() {
+    let empty = scratch("empty.bin");
+    std::fs::write(&empty, b"").unwrap();
+    fails_with(&["run", "--raw", s(&empty)], "the image is empty");
+    let small = scratch("small.bin");
+    std::fs::write(&small, [0xf4u8; 16]).unwrap();
+    fails_with(
+        &["run", "--raw", s(&small), "--entry", "0x2000"],
+        "--entry 0x2000 is outside the image, which is loaded at 0x1000..0x1010",
+    );
+    fails_with(
+        &[
+            "run",
+            "--raw",
+            s(&small),
+            "--mode",
+            "long",
+            "--entry",
+            "0x1000",
+        ],
+        "outside the image, which is loaded at 0x100000..0x100010",
+    );
+    fails_with(
+        &["run", "--raw", s(&small), "--entry", "xyz"],
+        "not an address",
+    );
+    // 1 MiB does not fit between 0x1000 and the EBDA in real mode; 40 MiB
+    // does not fit above 1 MiB in a 32 MiB guest.
+    let big = scratch("big.bin");
+    std::fs::write(&big, vec![0x90u8; 40 << 20]).unwrap();
+    fails_with(
+        &["run", "--raw", s(&big)],
+        "do not fit in guest memory at 0x1000",
+    );
+    fails_with(
+        &["run", "--raw", s(&big), "--mode", "long", "-m", "32"],
+        "do not fit in guest memory at 0x100000",
+    );
+    fails_with(&["run", "--raw", "/tmp"], "not a regular file");
+    fails_with(&["run", "--raw", "/nonexistent.bin"], "/nonexistent.bin");
+    fails_with(&["run", "--raw", s(&small), "--cpus", "2"], "one vCPU");
+    fails_with(
+        &["run", "--kernel", "k", "--entry", "0x1000"],
+        "go with --raw",
+    );
+    fails_with(
+        &["run", "--raw", s(&small), "--kernel", "k"],
+        "cannot be used with",
+    );
+    let _ = std::fs::remove_file(&big);
+}
+
+/// `vmlab trace report` on what is not an exit trace.
+#[test]
+fn trace_report_errors() {
+    fails_with(
+        &["trace", "report", "/nonexistent.jsonl"],
+        "/nonexistent.jsonl",
+    );
+    let bad = scratch("bad.jsonl");
+    std::fs::write(&bad, "{\"note\":\"end\"}\nnot json\n").unwrap();
+    fails_with(
+        &["trace", "report", s(&bad)],
+        "line 2: not a vmlab exit-trace record",
+    );
+    let empty = scratch("empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    fails_with(&["trace", "report", s(&empty)], "no exit records");
+    let unwritable = scratch("t.jsonl");
+    fails_with(
+        &[
+            "run",
+            "--raw",
+            s(&unwritable),
+            "--trace-exits",
+            "/nonexistent/dir/trace.jsonl",
+        ],
+        "--trace-exits /nonexistent/dir/trace.jsonl",
+    );
+}
+
 #[test]
 fn disk_errors() {
     let kernel = guest_dir().join("vmlinux");
@@ -258,6 +342,67 @@ fn net_spec_errors() {
         let run = run_with_deadline(cmd, LIMIT);
         assert_eq!(run.code(), Some(2), "{spec}\n{}", run.dump());
     }
+}
+
+#[test]
+fn vsock_spec_errors() {
+    for (spec, needle) in [
+        ("cid=2", "CID 2 is reserved"),
+        ("cid=0,socket=/tmp/x", "reserved"),
+        ("cid=4294967295,socket=/tmp/x", "too large"),
+        ("cid=abc,socket=/tmp/x", "not a number"),
+        ("socket=/tmp/x", "cid=N is required"),
+        ("cid=3,port=5", "unknown --vsock option"),
+    ] {
+        let mut cmd = vmlab();
+        cmd.args(["run", "--kernel", "k", "--vsock", spec]);
+        let run = run_with_deadline(cmd, LIMIT);
+        assert_eq!(run.code(), Some(2), "{spec}\n{}", run.dump());
+        assert!(run.stderr.contains(needle), "{spec}\n{}", run.dump());
+        assert!(!run.stderr.contains("panicked"), "{}", run.dump());
+    }
+    // No socket and nothing (a --name state directory) to supply one.
+    let mut cmd = vmlab();
+    cmd.args(["run", "--kernel", "k", "--vsock", "cid=3"]);
+    let run = run_with_deadline(cmd, LIMIT);
+    assert_eq!(run.code(), Some(2), "{}", run.dump());
+    assert!(
+        run.stderr.contains("socket=PATH is required"),
+        "{}",
+        run.dump()
+    );
+}
+
+/// Socket paths vmlab cannot listen on: a missing directory, a file that
+/// is not a socket (left alone), a socket a live process listens on.
+/// A clear error and status 125, before the guest starts.
+#[test]
+fn vsock_socket_errors() {
+    let kernel = guest_dir().join("vmlinux");
+    let not_socket = scratch("not-a-socket");
+    std::fs::write(&not_socket, b"data").unwrap();
+    let live = scratch("live.sock");
+    let _ = std::fs::remove_file(&live);
+    let _listener = std::os::unix::net::UnixListener::bind(&live).unwrap();
+    let too_long = format!("/tmp/{}.sock", "x".repeat(120));
+    for (path, needle) in [
+        (
+            "/nonexistent-dir/v.sock",
+            "cannot listen on the vsock socket /nonexistent-dir/v.sock",
+        ),
+        (s(&not_socket), "is not a socket"),
+        (s(&live), "in use"),
+        (too_long.as_str(), "cannot listen on the vsock socket"),
+    ] {
+        let spec = format!("cid=3,socket={path}");
+        fails_with(&["run", "--kernel", s(&kernel), "--vsock", &spec], needle);
+        let mut cmd = vmlab();
+        cmd.args(["run", "--kernel", s(&kernel), "--vsock", &spec]);
+        let run = run_with_deadline(cmd, LIMIT);
+        assert_eq!(run.code(), Some(125), "{path}\n{}", run.dump());
+    }
+    assert_eq!(std::fs::read(&not_socket).unwrap(), b"data");
+    assert!(live.exists(), "a live socket is not removed");
 }
 
 /// TAP devices vmlab cannot use, in a network namespace of the test's own
@@ -504,4 +649,105 @@ fn run_image_errors() {
     let run = run_with_deadline(cmd, LIMIT);
     assert_eq!(run.code(), Some(2), "{}", run.dump());
     assert!(run.stderr.contains("cannot be used with"), "{}", run.dump());
+}
+
+/// A private state directory for the named-VM commands.
+fn state_dir(tag: &str) -> PathBuf {
+    let dir = scratch(&format!("state-{tag}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn fails_in(state: &std::path::Path, args: &[&str], needle: &str) {
+    let mut full = vec!["--state-dir", s(state)];
+    full.extend_from_slice(args);
+    fails_with(&full, needle);
+}
+
+#[test]
+fn named_vm_unknown_and_invalid_names() {
+    let state = state_dir("unknown");
+    for args in [
+        &["exec", "nosuchvm", "--", "true"][..],
+        &["kill", "nosuchvm"],
+        &["stop", "nosuchvm"],
+        &["logs", "nosuchvm"],
+        &["rm", "nosuchvm"],
+    ] {
+        fails_in(&state, args, "no such VM: nosuchvm");
+    }
+    for args in [
+        &["exec", "a/b", "true"][..],
+        &["kill", "../x"],
+        &["stop", "--", "-bad"],
+        &["rm", ".hidden"],
+    ] {
+        fails_in(&state, args, "invalid VM name");
+    }
+    fails_in(
+        &state,
+        &["run", "--kernel", "/k", "--name", "a b", "--detach"],
+        "invalid VM name",
+    );
+    fails_in(&state, &["kill", "vm", "SIGFOO"], "unknown signal");
+    fails_in(
+        &state,
+        &["exec", "vm", "-e", "NOEQUALS", "true"],
+        "KEY=VALUE",
+    );
+    fails_in(&state, &["exec", "vm"], "required");
+    // ps on an empty (missing) state directory lists nothing, and works.
+    let mut cmd = vmlab();
+    cmd.args(["--state-dir", s(&state), "ps"]);
+    let run = run_with_deadline(cmd, LIMIT);
+    assert_eq!(run.code(), Some(0), "{}", run.dump());
+    assert_eq!(run.lines().len(), 1, "{}", run.dump());
+    assert!(run.stdout.starts_with("NAME"), "{}", run.dump());
+}
+
+#[test]
+fn named_vm_in_use_and_stopped() {
+    let state = state_dir("inuse");
+    // This process holds the name, as a running VMM would.
+    let owner = vmlab::named::Owner::create(&state, "busy").unwrap();
+    std::fs::write(owner.paths.pid(), format!("{}\n", std::process::id())).unwrap();
+    fails_in(
+        &state,
+        &[
+            "run",
+            "--kernel",
+            "/nonexistent",
+            "--name",
+            "busy",
+            "--detach",
+        ],
+        "in use by a running VM",
+    );
+    fails_in(&state, &["rm", "busy"], "is running");
+    // The "VMM" dies without cleaning up: every command sees a stopped VM,
+    // the first one removes the stale state.
+    drop(owner);
+    fails_in(&state, &["exec", "busy", "true"], "is not running");
+    assert!(!state.join("busy").exists());
+    fails_in(&state, &["exec", "busy", "true"], "no such VM");
+    let _ = std::fs::remove_dir_all(&state);
+}
+
+#[test]
+fn detach_failure_cleans_up() {
+    let state = state_dir("detachfail");
+    fails_in(
+        &state,
+        &[
+            "run",
+            "--kernel",
+            "/nonexistent/vmlinux",
+            "--name",
+            "bad",
+            "--detach",
+        ],
+        "cannot read kernel /nonexistent/vmlinux",
+    );
+    assert!(!state.join("bad").exists(), "state left behind");
+    let _ = std::fs::remove_dir_all(&state);
 }

@@ -1,7 +1,7 @@
 //! The emulation fallback (`vmlab::emulate`) on real KVM.
 //!
 //! Tiny hand-assembled guests execute the instructions that the nested `kvm_pvm` KVM of the
-//! development hosts rejects (see `/work/shared/host-notes.md`). There the vCPU exits with
+//! development hosts rejects (see docs/HOST.md). There the vCPU exits with
 //! an emulation failure and `handle_emulation_failure` carries the instruction out; on a
 //! host with hardware virtualization the guest runs them natively and there are no such
 //! exits. The guests' output must be the same either way, and that is what is asserted;
@@ -28,6 +28,7 @@ use vmlab::emulate::{enable_exit_on_emulation_failure, handle_emulation_failure}
 // Guest-physical layout. In 64-bit mode the first 2 MiB are identity-mapped with one page.
 const MEM_SIZE: usize = 2 << 20;
 const GDT: u64 = 0x500;
+const TSS: u64 = 0x600;
 const PML4: u64 = 0x1000;
 const PDPT: u64 = 0x2000;
 const PD: u64 = 0x3000;
@@ -157,15 +158,29 @@ fn exception_stub(vector: u8) -> Vec<u8> {
 
 fn setup_memory(code: &[u8], data: &[u8]) -> GuestMemoryMmap {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-    // GDT: null, 64-bit code (0x08), data (0x10).
-    let gdt: [u64; 3] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
+    // GDT: null, 64-bit code (0x08), data (0x10), user data (0x18, DPL 3), user 64-bit
+    // code (0x20, DPL 3), and the 64-bit TSS (0x28, 16 bytes) that gives ring 0's stack
+    // for exceptions taken in ring 3.
+    let tss_low = 0x67 | (TSS << 16) | (0x89 << 40);
+    let gdt: [u64; 7] = [
+        0,
+        0x00af_9b00_0000_ffff,
+        0x00cf_9300_0000_ffff,
+        0x00cf_f300_0000_ffff,
+        0x00af_fb00_0000_ffff,
+        tss_low,
+        0,
+    ];
     for (i, d) in gdt.iter().enumerate() {
         mem.write_obj(*d, GuestAddress(GDT + 8 * i as u64)).unwrap();
     }
-    // Page tables: PML4 -> PDPT -> PD with one 2 MiB page at 0.
-    mem.write_obj(PDPT | 0x3, GuestAddress(PML4)).unwrap();
-    mem.write_obj(PD | 0x3, GuestAddress(PDPT)).unwrap();
-    mem.write_obj(0x83u64, GuestAddress(PD)).unwrap();
+    // TSS: RSP0 (offset 4), no I/O bitmap (its offset, at 102, past the limit).
+    mem.write_obj(STACK_TOP, GuestAddress(TSS + 4)).unwrap();
+    mem.write_obj(104u16, GuestAddress(TSS + 102)).unwrap();
+    // Page tables: PML4 -> PDPT -> PD with one 2 MiB page at 0, user-accessible (U/S).
+    mem.write_obj(PDPT | 0x7, GuestAddress(PML4)).unwrap();
+    mem.write_obj(PD | 0x7, GuestAddress(PDPT)).unwrap();
+    mem.write_obj(0x87u64, GuestAddress(PD)).unwrap();
     for v in 0u8..32 {
         let stub = STUBS + STUB_SIZE * u64::from(v);
         mem.write_slice(&exception_stub(v), GuestAddress(stub))
@@ -273,7 +288,15 @@ fn run_vm(mode: Mode, code: &[u8], data: &[u8], timed_out: &AtomicBool) -> Resul
             sregs.gs = data_seg;
             sregs.ss = data_seg;
             sregs.gdt.base = GDT;
-            sregs.gdt.limit = 3 * 8 - 1;
+            sregs.gdt.limit = 7 * 8 - 1;
+            sregs.tr = kvm_segment {
+                base: TSS,
+                limit: 0x67,
+                selector: 0x28,
+                type_: 0xb, // busy 64-bit TSS
+                present: 1,
+                ..Default::default()
+            };
             sregs.idt.base = IDT;
             sregs.idt.limit = 32 * 16 - 1;
             sregs.cr3 = PML4;
@@ -685,6 +708,62 @@ fn ldmxcsr_with_reserved_bits_raises_gp() {
 }
 
 /// The harness itself: a guest that never exits is stopped by the timeout.
+/// Ring 0 disables interrupts (on a `kvm_pvm` host `cli` traps and KVM's emulator runs the
+/// instructions that follow, as in the other guests here), drops to ring 3 with `iretq`
+/// (IF stays 0), and ring 3 executes `phaddw` (SSSE3, 0F 38 like `pshufb`: KVM's emulator
+/// rejects it, and vmlab's fallback does not emulate it), then `hlt`.
+///
+/// ```text
+/// cli; push 0x1b; push 0x9000; push 0x2; push 0x23; mov eax, USER; push rax; iretq
+/// USER: phaddw xmm0, xmm1; hlt
+/// ```
+#[rustfmt::skip]
+static USER_UD_GUEST: &[u8] = &[
+    0xfa,                                     // cli
+    0x6a, 0x1b,                               // push 0x1b        (SS: user data, RPL 3)
+    0x68, 0x00, 0x90, 0x00, 0x00,             // push 0x9000      (user RSP)
+    0x6a, 0x02,                               // push 0x2         (RFLAGS: IF 0)
+    0x6a, 0x23,                               // push 0x23        (CS: user code, RPL 3)
+    0xb8, 0x14, 0x00, 0x01, 0x00,             // mov eax, 0x10014 (USER)
+    0x50,                                     // push rax
+    0x48, 0xcf,                               // iretq
+    // USER = CODE + 0x14:
+    0x66, 0x0f, 0x38, 0x01, 0xc1,             // phaddw xmm0, xmm1
+    0xf4,                                     // hlt (CPL 3: #GP)
+];
+
+/// An instruction the fallback cannot emulate, in guest user space, is a `#UD` for that
+/// code (its kernel would send SIGILL), not the end of the VM. On a `kvm_pvm` host the
+/// emulator rejects `phaddw` and the guest's #UD handler must see the RIP of `phaddw`; on
+/// hardware virtualization (or if the host ran it natively) `phaddw` executes and the `hlt`
+/// after it raises #GP. Either way the guest's handler runs and the VM goes on; the test
+/// says which it saw.
+#[test]
+fn unemulated_instruction_in_user_space_is_a_ud_for_the_process() {
+    if !kvm_available() {
+        return;
+    }
+    let user = CODE as u32 + 0x14;
+    let run = run_guest(Mode::Long, USER_UD_GUEST, &[]);
+    run.print_fallbacks("user-ud");
+    let user_uds = run.fallbacks.get("#UD to user space").copied().unwrap_or(0);
+    if user_uds > 0 {
+        println!("user-ud: KVM rejected phaddw at CPL 3: #UD delivered to guest user space");
+        assert_eq!(run.vectors, [6], "{run:?}");
+        assert_eq!(run.exception_rips, [user], "#UD at phaddw: {run:?}");
+    } else {
+        println!(
+            "user-ud: phaddw ran natively in ring 3 (hardware virtualization, or a kvm_pvm host \
+             that ran the ring-3 code without its emulator, as the development hosts do); the \
+             #UD path was not exercised here, only the unit test covers it; the hlt after it \
+             raised #GP"
+        );
+        assert_eq!(run.vectors, [13], "{run:?}");
+        assert_eq!(run.exception_rips, [user + 5], "#GP at hlt: {run:?}");
+        assert_eq!(run.error_codes, [0], "{run:?}");
+    }
+}
+
 #[test]
 fn spinning_guest_is_stopped_by_the_timeout() {
     if !kvm_available() {

@@ -75,7 +75,7 @@ fn oci_layout_command_env_workdir_user_exit_status() {
         .arg("--image")
         .arg(&image)
         .args(["--", "sh", "-c", script]);
-    let run = run_with_deadline(cmd, BOOT_LIMIT);
+    let run = run_guest(cmd, BOOT_LIMIT);
     let lines = run.lines();
     let has = |l: &str| lines.iter().any(|x| x == l);
     assert_eq!(run.code(), Some(4), "exit status\n{}", run.dump());
@@ -143,7 +143,7 @@ fn docker_archive_default_cmd_workload_json() {
         .arg(dir.join("vmlinux"))
         .arg("--image")
         .arg(&image);
-    let run = run_with_deadline(cmd, BOOT_LIMIT);
+    let run = run_guest(cmd, BOOT_LIMIT);
     assert_eq!(run.code(), Some(0), "{}", run.dump());
     let line = run
         .lines()

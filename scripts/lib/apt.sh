@@ -14,7 +14,7 @@ apt_install_missing() {
     sudo=(sudo)
   fi
   echo "installing ${need[*]}"
-  "${sudo[@]}" apt-get update -q
+  "${sudo[@]}" apt-get -o DPkg::Lock::Timeout=600 update -q
   "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
-    apt-get install -y -q --no-install-recommends "${need[@]}"
+    apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends "${need[@]}"
 }

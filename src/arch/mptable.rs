@@ -3,7 +3,11 @@
 //! Without ACPI, this is how Linux learns how many CPUs there are, where
 //! the IOAPIC is and how ISA interrupts reach it. vmlab writes the floating
 //! pointer and the configuration table into the last KiB of base memory,
-//! one of the places Linux scans.
+//! one of the places Linux scans. The structures are typed
+//! (`#[repr(C, packed)]`, [`ByteValued`]) after Linux's `mpspec_def.h`:
+//! linux-loader 0.14 generates bindings for boot_params but not for these.
+
+use vm_memory::ByteValued;
 
 use super::layout::{IOAPIC_START, IRQ_MAX, LAPIC_START};
 
@@ -33,9 +37,107 @@ const MP_NMI: u8 = 1;
 const MP_EXTINT: u8 = 3;
 const MP_IRQPOL_DEFAULT: u16 = 0;
 
+/// The floating pointer structure (MP spec 4.1).
+#[repr(C, packed)]
+#[derive(Debug, Clone, Copy, Default)]
+struct MpfIntel {
+    signature: [u8; 4],
+    physptr: u32,
+    length: u8,
+    specification: u8,
+    checksum: u8,
+    feature: [u8; 5],
+}
+
+/// The configuration table header (MP spec 4.2).
+#[repr(C, packed)]
+#[derive(Debug, Clone, Copy, Default)]
+struct MpcTable {
+    signature: [u8; 4],
+    length: u16,
+    spec: u8,
+    checksum: u8,
+    oem: [u8; 8],
+    productid: [u8; 12],
+    oemptr: u32,
+    oemsize: u16,
+    oemcount: u16,
+    lapic: u32,
+    /// Extended table length, its checksum, and a reserved byte.
+    reserved: u32,
+}
+
+/// A processor entry.
+#[repr(C, packed)]
+#[derive(Debug, Clone, Copy, Default)]
+struct MpcCpu {
+    kind: u8,
+    apicid: u8,
+    apicver: u8,
+    cpuflag: u8,
+    cpufeature: u32,
+    featureflag: u32,
+    reserved: [u32; 2],
+}
+
+/// A bus entry.
+#[repr(C, packed)]
+#[derive(Debug, Clone, Copy, Default)]
+struct MpcBus {
+    kind: u8,
+    busid: u8,
+    bustype: [u8; 6],
+}
+
+/// An I/O APIC entry.
+#[repr(C, packed)]
+#[derive(Debug, Clone, Copy, Default)]
+struct MpcIoapic {
+    kind: u8,
+    apicid: u8,
+    apicver: u8,
+    flags: u8,
+    apicaddr: u32,
+}
+
+/// An I/O interrupt or local interrupt assignment entry (same layout).
+#[repr(C, packed)]
+#[derive(Debug, Clone, Copy, Default)]
+struct MpcIntsrc {
+    kind: u8,
+    irqtype: u8,
+    irqflag: u16,
+    srcbus: u8,
+    srcbusirq: u8,
+    dstapic: u8,
+    dstirq: u8,
+}
+
+// SAFETY: each is `repr(C, packed)` of integers and byte arrays only: no
+// padding, and every bit pattern is a valid value.
+unsafe impl ByteValued for MpfIntel {}
+// SAFETY: as above.
+unsafe impl ByteValued for MpcTable {}
+// SAFETY: as above.
+unsafe impl ByteValued for MpcCpu {}
+// SAFETY: as above.
+unsafe impl ByteValued for MpcBus {}
+// SAFETY: as above.
+unsafe impl ByteValued for MpcIoapic {}
+// SAFETY: as above.
+unsafe impl ByteValued for MpcIntsrc {}
+
+const MPF_LEN: usize = std::mem::size_of::<MpfIntel>();
+const MPC_LEN: usize = std::mem::size_of::<MpcTable>();
+
 /// Size in bytes of the tables for `cpus` vCPUs.
 pub fn size(cpus: u8) -> usize {
-    16 + 44 + 20 * usize::from(cpus) + 8 + 8 + 8 * (IRQ_MAX as usize + 1) + 8 * 2
+    MPF_LEN
+        + MPC_LEN
+        + std::mem::size_of::<MpcCpu>() * usize::from(cpus)
+        + std::mem::size_of::<MpcBus>()
+        + std::mem::size_of::<MpcIoapic>()
+        + std::mem::size_of::<MpcIntsrc>() * (IRQ_MAX as usize + 1 + 2)
 }
 
 /// Errors building the table.
@@ -60,72 +162,99 @@ pub fn build(base: u64, cpus: u8) -> Result<Vec<u8>, Error> {
         return Err(Error::CpuCount(cpus));
     }
     let ioapic_id = cpus; // the first APIC ID after the CPUs'
-    let table_addr = base + 16;
+                          // Below 1 MiB (the table's place, layout::MPTABLE_START): fits in 32 bits.
+    let table_addr = (base + MPF_LEN as u64) as u32;
 
-    // Floating pointer structure: 16 bytes.
-    let mut mpf = Vec::with_capacity(16);
-    mpf.extend_from_slice(MPF_SIGNATURE);
-    mpf.extend_from_slice(&(table_addr as u32).to_le_bytes());
-    mpf.push(1); // length in 16-byte units
-    mpf.push(MPC_SPEC);
-    mpf.push(0); // checksum, below
-    mpf.extend_from_slice(&[0; 5]); // feature bytes: 0 = a table is present
-    mpf[10] = checksum(&mpf);
-
-    // Entries after the 44-byte header.
+    // Entries after the header.
     let mut entries = Vec::new();
     let mut count: u16 = 0;
-    for id in 0..cpus {
-        entries.push(ENTRY_PROCESSOR);
-        entries.push(id);
-        entries.push(APIC_VERSION);
-        entries.push(CPU_ENABLED | if id == 0 { CPU_BOOTPROCESSOR } else { 0 });
-        entries.extend_from_slice(&CPU_STEPPING.to_le_bytes());
-        entries.extend_from_slice(&(CPU_FEATURE_APIC | CPU_FEATURE_FPU).to_le_bytes());
-        entries.extend_from_slice(&[0; 8]);
+    let mut push = |entry: &[u8]| {
+        entries.extend_from_slice(entry);
         count += 1;
+    };
+    for id in 0..cpus {
+        let cpu = MpcCpu {
+            kind: ENTRY_PROCESSOR,
+            apicid: id,
+            apicver: APIC_VERSION,
+            cpuflag: CPU_ENABLED | if id == 0 { CPU_BOOTPROCESSOR } else { 0 },
+            cpufeature: CPU_STEPPING,
+            featureflag: CPU_FEATURE_APIC | CPU_FEATURE_FPU,
+            reserved: [0; 2],
+        };
+        push(cpu.as_slice());
     }
-    entries.extend_from_slice(&[ENTRY_BUS, 0]);
-    entries.extend_from_slice(b"ISA   ");
-    count += 1;
-    entries.extend_from_slice(&[ENTRY_IOAPIC, ioapic_id, APIC_VERSION, MP_IOAPIC_USABLE]);
-    entries.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
-    count += 1;
+    let bus = MpcBus {
+        kind: ENTRY_BUS,
+        busid: 0,
+        bustype: *b"ISA   ",
+    };
+    push(bus.as_slice());
+    let ioapic = MpcIoapic {
+        kind: ENTRY_IOAPIC,
+        apicid: ioapic_id,
+        apicver: APIC_VERSION,
+        flags: MP_IOAPIC_USABLE,
+        apicaddr: IOAPIC_START as u32,
+    };
+    push(ioapic.as_slice());
     for irq in 0..=IRQ_MAX as u8 {
         // ISA IRQ n is wired to IOAPIC pin n, matching KVM's default GSI
         // routing.
-        entries.push(ENTRY_INTSRC);
-        entries.push(MP_INT);
-        entries.extend_from_slice(&MP_IRQPOL_DEFAULT.to_le_bytes());
-        entries.extend_from_slice(&[0, irq, ioapic_id, irq]);
-        count += 1;
+        let src = MpcIntsrc {
+            kind: ENTRY_INTSRC,
+            irqtype: MP_INT,
+            irqflag: MP_IRQPOL_DEFAULT,
+            srcbus: 0,
+            srcbusirq: irq,
+            dstapic: ioapic_id,
+            dstirq: irq,
+        };
+        push(src.as_slice());
     }
     for (kind, lint) in [(MP_EXTINT, 0u8), (MP_NMI, 1u8)] {
-        entries.push(ENTRY_LINTSRC);
-        entries.push(kind);
-        entries.extend_from_slice(&MP_IRQPOL_DEFAULT.to_le_bytes());
-        entries.extend_from_slice(&[0, 0, 0xff, lint]); // all local APICs
-        count += 1;
+        let src = MpcIntsrc {
+            kind: ENTRY_LINTSRC,
+            irqtype: kind,
+            irqflag: MP_IRQPOL_DEFAULT,
+            srcbus: 0,
+            srcbusirq: 0,
+            dstapic: 0xff, // all local APICs
+            dstirq: lint,
+        };
+        push(src.as_slice());
     }
 
-    let table_len = 44 + entries.len();
-    let mut mpc = Vec::with_capacity(table_len);
-    mpc.extend_from_slice(MPC_SIGNATURE);
-    mpc.extend_from_slice(&(table_len as u16).to_le_bytes());
-    mpc.push(MPC_SPEC);
-    mpc.push(0); // checksum, below
-    mpc.extend_from_slice(b"VMLAB   "); // OEM id, 8 bytes
-    mpc.extend_from_slice(b"MICROVM     "); // product id, 12 bytes
-    mpc.extend_from_slice(&0u32.to_le_bytes()); // OEM table pointer
-    mpc.extend_from_slice(&0u16.to_le_bytes()); // OEM table size
-    mpc.extend_from_slice(&count.to_le_bytes());
-    mpc.extend_from_slice(&(LAPIC_START as u32).to_le_bytes());
-    mpc.extend_from_slice(&0u32.to_le_bytes()); // extended table length + checksum + reserved
-    mpc.extend_from_slice(&entries);
-    mpc[7] = checksum(&mpc);
+    let mut mpc = MpcTable {
+        signature: *MPC_SIGNATURE,
+        length: (MPC_LEN + entries.len()) as u16,
+        spec: MPC_SPEC,
+        checksum: 0,
+        oem: *b"VMLAB   ",
+        productid: *b"MICROVM     ",
+        oemptr: 0,
+        oemsize: 0,
+        oemcount: count,
+        lapic: LAPIC_START as u32,
+        reserved: 0,
+    };
+    let mut table = mpc.as_slice().to_vec();
+    table.extend_from_slice(&entries);
+    mpc.checksum = checksum(&table);
 
-    let mut out = mpf;
-    out.extend_from_slice(&mpc);
+    let mut mpf = MpfIntel {
+        signature: *MPF_SIGNATURE,
+        physptr: table_addr,
+        length: 1, // in 16-byte units
+        specification: MPC_SPEC,
+        checksum: 0,
+        feature: [0; 5], // 0: a configuration table is present
+    };
+    mpf.checksum = checksum(mpf.as_slice());
+
+    let mut out = mpf.as_slice().to_vec();
+    out.extend_from_slice(mpc.as_slice());
+    out.extend_from_slice(&entries);
     Ok(out)
 }
 
@@ -171,6 +300,16 @@ mod tests {
     fn fits_in_base_memory_for_max_cpus() {
         use crate::arch::layout::MPTABLE_START;
         assert!(MPTABLE_START + size(MAX_CPUS) as u64 <= 0xa0000);
+    }
+
+    #[test]
+    fn structure_sizes_are_the_specs() {
+        assert_eq!(MPF_LEN, 16);
+        assert_eq!(MPC_LEN, 44);
+        assert_eq!(std::mem::size_of::<MpcCpu>(), 20);
+        assert_eq!(std::mem::size_of::<MpcBus>(), 8);
+        assert_eq!(std::mem::size_of::<MpcIoapic>(), 8);
+        assert_eq!(std::mem::size_of::<MpcIntsrc>(), 8);
     }
 
     #[test]

@@ -55,6 +55,24 @@ pub fn set_long_mode_sregs(sregs: &mut kvm_sregs) {
     sregs.efer |= EFER_LME | EFER_LMA;
 }
 
+/// General registers for a flat binary entered in real mode at `entry`
+/// (`vmlab run --raw`): interrupts off, everything else zero.
+pub fn real_mode_regs(entry: u64) -> kvm_regs {
+    kvm_regs {
+        rflags: 0x2,
+        rip: entry,
+        ..Default::default()
+    }
+}
+
+/// Real mode at CS:IP = 0:entry: KVM's reset state, with CS moved from
+/// the reset vector's segment (selector 0xf000, base 0xffff0000) to 0, so
+/// that IP is the guest-physical address.
+pub fn set_real_mode_sregs(sregs: &mut kvm_sregs) {
+    sregs.cs.selector = 0;
+    sregs.cs.base = 0;
+}
+
 /// x87 and SSE control words as after FNINIT / reset.
 pub fn boot_fpu() -> kvm_fpu {
     kvm_fpu {

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use super::memory::MemCgroup;
 use super::netns;
+use super::sandbox::Sandbox;
 
 /// The signal that asked vmlab compare to stop, or 0.
 static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
@@ -68,6 +69,9 @@ pub struct LaunchSpec {
     pub netns: Option<PathBuf>,
     /// Variables added to its environment.
     pub env: Vec<(OsString, OsString)>,
+    /// Confinement applied before it executes (the host baseline, which
+    /// runs the image's own binary on the host).
+    pub sandbox: Option<Sandbox>,
 }
 
 /// A line of output, with when it arrived.
@@ -121,10 +125,13 @@ impl Launched {
         let ns = spec.netns.as_deref().map(netns::open_ns).transpose()?;
         let ns_fd = ns.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
         let procs_fd = cgroup.map(MemCgroup::procs_fd);
+        let sandbox = spec.sandbox.clone();
         // SAFETY: the closure runs in the child between fork and exec and
-        // only makes async-signal-safe system calls (write, setns) on
+        // only makes async-signal-safe system calls (write, setns, and the
+        // sandbox's unshare/mount/prctl/setres[ug]id/seccomp) on
         // descriptors opened before the fork, which stay open (`ns` and
-        // the cgroup outlive the spawn call); it allocates nothing.
+        // the cgroup outlive the spawn call), and on the sandbox's filter,
+        // compiled before the fork; it allocates nothing.
         unsafe {
             cmd.pre_exec(move || {
                 if let Some(fd) = procs_fd {
@@ -138,7 +145,10 @@ impl Launched {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
-                Ok(())
+                match &sandbox {
+                    Some(s) => s.enter(),
+                    None => Ok(()),
+                }
             });
         }
         let started = Instant::now();
@@ -335,6 +345,64 @@ mod tests {
         let st = l.stop(Duration::from_secs(5));
         assert_eq!(describe_status(st), "killed by signal 15");
         assert!(t.elapsed() < Duration::from_secs(10));
+    }
+
+    /// The host baseline's process, as the workload would see itself: not
+    /// root, no capabilities, no_new_privs, a seccomp filter, its own
+    /// mount/IPC/UTS namespaces; and the denied calls fail.
+    #[test]
+    fn the_host_baseline_is_unprivileged() {
+        let sandbox = crate::compare::sandbox::Sandbox::for_host_baseline().unwrap();
+        let mut spec = sh("grep -E '^(Uid|Gid|Groups|CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs|Seccomp):' /proc/self/status; \
+             readlink /proc/self/ns/mnt /proc/self/ns/ipc /proc/self/ns/uts | sed 's/^/ns: /'; \
+             hostname x 2>/dev/null && echo 'hostname: allowed' || echo 'hostname: refused'");
+        spec.sandbox = Some(sandbox.clone());
+        let mut l = Launched::spawn(&spec, None).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut out = std::collections::BTreeMap::new();
+        let mut ns = Vec::new();
+        while let Next::Line(_, t) = l.next_line(deadline) {
+            if let Some(n) = t.strip_prefix("ns: ") {
+                ns.push(n.to_string());
+            } else if let Some((k, v)) = t.split_once(':') {
+                out.insert(k.to_string(), v.trim().to_string());
+            }
+        }
+        assert_eq!(
+            describe_status(l.wait_until(deadline)),
+            "exit status 0",
+            "{out:?}"
+        );
+        let first = |k: &str| out[k].split_whitespace().next().unwrap().to_string();
+        assert_ne!(first("Uid"), "0", "{out:?}");
+        assert_ne!(first("Gid"), "0", "{out:?}");
+        for cap in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
+            assert_eq!(out[cap], "0000000000000000", "{cap}: {out:?}");
+        }
+        assert_eq!(out["NoNewPrivs"], "1");
+        assert_eq!(out["Seccomp"], "2");
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            assert_eq!(first("Uid"), "65534");
+            assert_eq!(out["Groups"], "");
+            assert_eq!(out["CapBnd"], "0000000000000000");
+            let own: Vec<String> = ["mnt", "ipc", "uts"]
+                .iter()
+                .map(|n| {
+                    std::fs::read_link(format!("/proc/self/ns/{n}"))
+                        .unwrap()
+                        .to_string_lossy()
+                        .into_owned()
+                })
+                .collect();
+            assert_eq!(ns.len(), 3, "{ns:?}");
+            for (theirs, ours) in ns.iter().zip(&own) {
+                assert_ne!(theirs, ours, "namespace shared with vmlab");
+            }
+        } else {
+            eprintln!("not root: only no_new_privs and seccomp were checked (no identity switch, no namespaces)");
+        }
+        assert_eq!(out["hostname"], "refused");
     }
 
     #[test]

@@ -24,12 +24,13 @@ mod memory;
 mod netns;
 pub mod report;
 pub mod rows;
+pub mod sandbox;
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::ffi::OsString;
 use std::fs;
 use std::io;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -91,6 +92,9 @@ pub enum Error {
     /// The image cannot be opened or unpacked.
     #[error("image: {0}")]
     Image(#[from] crate::image::Error),
+    /// The host baseline's sandbox cannot be set up.
+    #[error("{0}")]
+    Sandbox(sandbox::Error),
     /// The image lacks the workload program.
     #[error("{}: the image has no executable vmlab-workload in {searched}; use an image that has it (scripts/build-sample-image.sh builds one)", image.display())]
     NoWorkload {
@@ -161,8 +165,11 @@ struct RunCtx<'a> {
     kernel: PathBuf,
     /// The copy of vmlab-init every VM launch uses, if there is one.
     init: Option<PathBuf>,
-    /// The image's vmlab-workload as a host path.
+    /// A private copy of the image's vmlab-workload, which the host
+    /// baseline and the network client run (in `sandbox`).
     workload: PathBuf,
+    /// How the image's binary is confined on the host.
+    sandbox: sandbox::Sandbox,
     /// The host's working directory (its disk workload writes there).
     host_cwd: PathBuf,
     net: Option<&'a TestNet>,
@@ -199,6 +206,12 @@ pub fn run(opts: &CompareOptions) -> Result<Report, Error> {
     // copy finds the disk built here).
     let scratch = ScratchDir::create()?;
     let pinned_kernel = scratch.pin(&kernel, "vmlinux")?;
+    // The image's binary runs on the host as an unprivileged user, which
+    // can reach neither the image cache under root's home nor a 0700
+    // directory: it runs a copy, from the scratch directory.
+    let sandbox = sandbox::Sandbox::for_host_baseline().map_err(Error::Sandbox)?;
+    let pinned_workload = scratch.pin(&workload, "vmlab-workload")?;
+    scratch.open_to(sandbox.ids)?;
     let init = crate::image::find_init();
     let pinned_init = match &init {
         Ok(p) => Some(scratch.pin(p, "vmlab-init")?),
@@ -233,7 +246,8 @@ pub fn run(opts: &CompareOptions) -> Result<Report, Error> {
         exe,
         kernel: pinned_kernel,
         init: pinned_init,
-        workload,
+        workload: pinned_workload,
+        sandbox,
         host_cwd: scratch.work(),
         net: net.as_ref().ok(),
         progress: &progress,
@@ -523,6 +537,8 @@ fn launch_spec(ctx: &RunCtx, env: Env, script: &str) -> LaunchSpec {
             // container's will; the other workloads do not use the network.
             netns: ctx.net.map(TestNet::srv_path),
             env: Vec::new(),
+            // The image's binary on the host: unprivileged (sandbox.rs).
+            sandbox: Some(ctx.sandbox.clone()),
         },
         Env::Container => {
             let mut args = vec![
@@ -544,6 +560,7 @@ fn launch_spec(ctx: &RunCtx, env: Env, script: &str) -> LaunchSpec {
                 cwd: None,
                 netns: None,
                 env: Vec::new(),
+                sandbox: None,
             }
         }
         Env::Vm => {
@@ -580,6 +597,7 @@ fn launch_spec(ctx: &RunCtx, env: Env, script: &str) -> LaunchSpec {
                     .collect(),
                 // The VMM runs where its TAP is, next to the client.
                 netns: ctx.net.map(TestNet::peer_path),
+                sandbox: None,
             }
         }
     }
@@ -615,6 +633,8 @@ fn run_client(ctx: &RunCtx, net: &TestNet, env: Env) -> Result<Value, String> {
         cwd: None,
         netns: Some(net.peer_path()),
         env: Vec::new(),
+        // The image's binary on the host, like the baseline.
+        sandbox: Some(ctx.sandbox.clone()),
     };
     let mut client =
         Launched::spawn(&spec, None).map_err(|e| format!("net-client could not start: {e}"))?;
@@ -691,43 +711,64 @@ fn find_workload(rootfs: &Path, config: &ImageConfig) -> Option<PathBuf> {
 
 /// A scratch directory in the temporary directory (the host file system
 /// where container bundles go too): `work/` for the host's disk workload,
-/// and the pinned kernel and init; removed when dropped.
-struct ScratchDir(PathBuf);
+/// and the pinned kernel and init; removed when dropped. vmlab compare runs
+/// as root and `/tmp` is shared, so the directory is made atomically with
+/// an unpredictable name and mode 0700 (`mkdtemp`), and copies into it are
+/// created with `O_EXCL|O_NOFOLLOW` ([`crate::untrusted`]): no other user
+/// can plant a name or link in it to have root write through.
+struct ScratchDir(crate::untrusted::PrivateDir);
 
 impl ScratchDir {
     fn create() -> Result<ScratchDir, Error> {
-        let dir = std::env::temp_dir().join(format!("vmlab-compare-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
+        let prefix = format!("vmlab-compare-{}-", std::process::id());
+        let dir = crate::untrusted::PrivateDir::create(&prefix).map_err(|source| Error::Io {
+            what: "creating a private directory in",
+            path: std::env::temp_dir(),
+            source,
+        })?;
         // Made as a guard first, so that a failure below removes it.
         let scratch = ScratchDir(dir);
         let work = scratch.work();
-        fs::create_dir_all(&work).map_err(|source| Error::Io {
-            what: "creating",
-            path: work,
-            source,
-        })?;
+        fs::DirBuilder::new()
+            .mode(0o755)
+            .create(&work)
+            .map_err(|source| Error::Io {
+                what: "creating",
+                path: work,
+                source,
+            })?;
         Ok(scratch)
     }
 
     fn work(&self) -> PathBuf {
-        self.0.join("work")
+        self.0.path().join("work")
+    }
+
+    /// Lets the host baseline's identity (`ids`, when vmlab switches to
+    /// one) traverse the directory (0711: it can neither list nor create
+    /// names in it) and write in `work/`, which it owns.
+    fn open_to(&self, ids: Option<(u32, u32)>) -> Result<(), Error> {
+        use std::os::unix::fs::PermissionsExt;
+        let Some((uid, gid)) = ids else {
+            return Ok(());
+        };
+        let io = |what, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| Error::Io { what, path, source }
+        };
+        fs::set_permissions(self.0.path(), fs::Permissions::from_mode(0o711))
+            .map_err(io("chmod", self.0.path()))?;
+        let work = self.work();
+        std::os::unix::fs::lchown(&work, Some(uid), Some(gid)).map_err(io("chown", &work))
     }
 
     /// A private copy of `file` named `name`.
     fn pin(&self, file: &Path, name: &str) -> Result<PathBuf, Error> {
-        let dest = self.0.join(name);
-        fs::copy(file, &dest).map_err(|source| Error::Io {
+        crate::untrusted::copy_into(file, self.0.path(), name, 0o755).map_err(|source| Error::Io {
             what: "copying",
             path: file.to_path_buf(),
             source,
-        })?;
-        Ok(dest)
-    }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
+        })
     }
 }
 
@@ -896,7 +937,7 @@ fn setup_lines(opts: &CompareOptions, kernel: &Path, runs: &[RunRecord]) -> Vec<
             Unit::Bytes.format(opts.vm_memory as f64)
         ),
         format!("Container: `vmlab container` with {runtime}; network: a veth pair."),
-        "Host: the same `vmlab-workload` binary run by `/bin/sh` directly.".into(),
+        "Host: the same `vmlab-workload` binary (a copy of it) run by `/bin/sh` directly on the host, confined because it comes from the image: as root, as uid/gid 65534 with no capabilities, no_new_privs, its own mount, IPC and UTS namespaces and a seccomp filter (docs/SECURITY.md); unprivileged, no_new_privs and the filter.".into(),
         format!(
             "Workloads, in this order in one launch per environment: start; cpu --mib {}; mem --mib {} --repeat {}; disk --path . --mib {} --random-ops {}; uname -r and boot_id; net-server (client on the host side: --seconds {} --rtt-count {}).",
             s.cpu_mib, s.mem_mib, s.mem_repeat, s.disk_mib, s.random_ops, s.net_seconds, s.rtt_count
@@ -976,6 +1017,49 @@ pub(crate) mod tests {
             net_seconds: 2.0,
             rtt_count: 200,
         }
+    }
+
+    /// The scratch directory cannot be raced into writing a file as root:
+    /// the old predictable name (a symlink planted there by another user)
+    /// is not used, and a name planted inside it between its creation and
+    /// a copy makes the copy fail instead of writing through it.
+    #[test]
+    fn scratch_dir_is_private_and_copies_do_not_follow_links() {
+        use std::os::unix::fs::PermissionsExt;
+        let victims =
+            std::env::temp_dir().join(format!("vmlab-unit-victim-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&victims);
+        fs::create_dir_all(&victims).unwrap();
+        let victim = victims.join("passwd");
+        fs::write(&victim, b"precious").unwrap();
+        let src = victims.join("kernel");
+        fs::write(&src, b"kernel bytes").unwrap();
+
+        // The old predictable path, planted as a symlink to the victim.
+        let old = std::env::temp_dir().join(format!("vmlab-compare-{}", std::process::id()));
+        let _ = fs::remove_file(&old);
+        let _ = fs::remove_dir_all(&old);
+        std::os::unix::fs::symlink(&victim, &old).unwrap();
+
+        let scratch = ScratchDir::create().unwrap();
+        let dir = scratch.work().parent().unwrap().to_path_buf();
+        assert_ne!(dir, old, "the scratch directory's name is predictable");
+        let m = fs::symlink_metadata(&dir).unwrap();
+        assert!(m.is_dir());
+        assert_eq!(m.permissions().mode() & 0o777, 0o700, "{}", dir.display());
+        // The race: a link planted where a pinned copy goes.
+        std::os::unix::fs::symlink(&victim, dir.join("vmlinux")).unwrap();
+        assert!(scratch.pin(&src, "vmlinux").is_err());
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        // An unplanted name works.
+        let pinned = scratch.pin(&src, "vmlab-init").unwrap();
+        assert_eq!(fs::read(pinned).unwrap(), b"kernel bytes");
+        drop(scratch);
+        assert!(!dir.exists());
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        assert!(fs::symlink_metadata(&old).unwrap().file_type().is_symlink());
+        fs::remove_file(&old).unwrap();
+        fs::remove_dir_all(&victims).unwrap();
     }
 
     #[test]

@@ -491,20 +491,24 @@ fn parse_group(text: &str) -> Vec<DbEntry> {
 /// Reads `path` (absolute, as seen inside the image) from the image's root
 /// filesystem, resolving symbolic links inside that root, never out of it
 /// (an image's `/etc/passwd -> /usr/lib/passwd`, or a hostile `../../..`,
-/// must not read the host's files). `None` when it does not exist.
+/// must not read the host's files). `None` when it does not exist. It
+/// must be a regular file of at most 4 MiB ([`crate::untrusted`]).
 fn read_image_file(root: &Path, path: &str) -> Result<Option<String>, Error> {
     let resolved = resolve_in_root(root, path).map_err(|source| Error::Io {
         what: "cannot resolve in the image",
         path: PathBuf::from(path),
         source,
     })?;
-    match std::fs::read(&resolved) {
-        Ok(bytes) => Ok(Some(String::from_utf8_lossy(&bytes).into_owned())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(Error::Io {
+    match crate::untrusted::read_regular_file(&resolved, crate::untrusted::IMAGE_FILE_LIMIT) {
+        Ok(bytes) => Ok(bytes.map(|b| String::from_utf8_lossy(&b).into_owned())),
+        Err(crate::untrusted::ReadError::Io(source)) => Err(Error::Io {
             what: "cannot read the image's",
             path: resolved,
             source,
+        }),
+        Err(why) => Err(Error::ImageFile {
+            path: path.to_string(),
+            reason: why.to_string(),
         }),
     }
 }
@@ -863,6 +867,94 @@ mod tests {
         );
         std::os::unix::fs::symlink("loop", r.join("loop")).unwrap();
         assert!(resolve_in_root(r, "/loop").is_err());
+    }
+
+    /// Runs `f` on another thread and fails the test if it has not
+    /// returned within 10 s (a FIFO read blocks forever).
+    fn within_10s<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the user lookup did not return within 10 s (hung on the file)")
+    }
+
+    fn mkfifo(path: &Path) {
+        let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    }
+
+    #[test]
+    fn image_passwd_must_be_a_small_regular_file() {
+        let root = tempdir::TempDir::new("passwd-kinds");
+        let r = root.path().to_path_buf();
+        std::fs::create_dir_all(r.join("etc")).unwrap();
+        let lookup = |r: &Path| {
+            let r = r.to_path_buf();
+            within_10s(move || resolve_user(Some("app"), &r).map_err(|e| e.to_string()))
+        };
+
+        // A FIFO nobody writes to: refused at once, not a hang.
+        mkfifo(&r.join("etc/passwd"));
+        let e = lookup(&r).unwrap_err();
+        assert!(
+            e.contains("/etc/passwd") && e.contains("not a regular file"),
+            "{e}"
+        );
+        std::fs::remove_file(r.join("etc/passwd")).unwrap();
+
+        // A huge (sparse) file: refused without reading it.
+        let f = std::fs::File::create(r.join("etc/passwd")).unwrap();
+        f.set_len(1 << 40).unwrap();
+        drop(f);
+        let e = lookup(&r).unwrap_err();
+        assert!(
+            e.contains("/etc/passwd") && e.contains("larger than"),
+            "{e}"
+        );
+        std::fs::remove_file(r.join("etc/passwd")).unwrap();
+
+        // A directory.
+        std::fs::create_dir(r.join("etc/passwd")).unwrap();
+        let e = lookup(&r).unwrap_err();
+        assert!(e.contains("not a regular file"), "{e}");
+        std::fs::remove_dir(r.join("etc/passwd")).unwrap();
+
+        // A character device (/dev/zero's numbers): needs root to make.
+        let dev = std::ffi::CString::new(r.join("etc/passwd").to_str().unwrap()).unwrap();
+        // SAFETY: a valid C string.
+        let made = unsafe { libc::mknod(dev.as_ptr(), libc::S_IFCHR | 0o644, libc::makedev(1, 5)) };
+        if made == 0 {
+            let e = lookup(&r).unwrap_err();
+            assert!(e.contains("not a regular file"), "{e}");
+            std::fs::remove_file(r.join("etc/passwd")).unwrap();
+        } else {
+            eprintln!("skipped the character-device case: mknod needs root");
+        }
+
+        // /etc/group is read the same way.
+        std::fs::write(r.join("etc/passwd"), PASSWD).unwrap();
+        mkfifo(&r.join("etc/group"));
+        let e = lookup(&r).unwrap_err();
+        assert!(
+            e.contains("/etc/group") && e.contains("not a regular file"),
+            "{e}"
+        );
+        std::fs::remove_file(r.join("etc/group")).unwrap();
+
+        // A symlink to a FIFO is resolved (inside the root) and refused too.
+        std::os::unix::fs::symlink("/run/fifo", r.join("etc/group")).unwrap();
+        std::fs::create_dir_all(r.join("run")).unwrap();
+        mkfifo(&r.join("run/fifo"));
+        let e = lookup(&r).unwrap_err();
+        assert!(e.contains("not a regular file"), "{e}");
+
+        // And a normal pair still works.
+        std::fs::remove_file(r.join("etc/group")).unwrap();
+        std::fs::write(r.join("etc/group"), GROUP).unwrap();
+        assert_eq!(lookup(&r).unwrap(), ids(1000, 1000, &[50, 29]));
     }
 
     /// A scratch directory removed on drop (no tempfile crate needed).

@@ -13,7 +13,6 @@ pub mod bundle;
 pub mod cgroups;
 pub mod rootfs;
 pub mod runtime;
-mod signals;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -124,6 +123,14 @@ pub enum Error {
     /// Copying the image root (where overlayfs is unavailable) failed.
     #[error("cannot copy the image root: {0}")]
     RootCopy(String),
+    /// A file vmlab reads out of the image is not what it must be.
+    #[error("the image's {path}: {reason}")]
+    ImageFile {
+        /// The path inside the image.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A file operation failed.
     #[error("{what} {}: {source}", path.display())]
     Io {
@@ -230,7 +237,7 @@ pub fn run(opts: &ContainerOptions) -> Result<u8, Error> {
     // Blocked from before the runtime starts until the bundle is gone, so
     // that a SIGTERM or ^C cannot skip the cleanup. Declared before the
     // bundle: dropped after it.
-    let signals = signals::Signals::new().map_err(|source| Error::Host {
+    let signals = crate::signals::Signals::new().map_err(|source| Error::Host {
         what: "blocking signals",
         source,
     })?;

@@ -14,8 +14,8 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use super::cgroups::{CgroupHost, CgroupMode};
-use super::signals::Signals;
 use super::Error;
+use crate::signals::Signals;
 
 /// Runtimes tried, in order, when none is named.
 pub const AUTO_ORDER: [&str; 2] = ["runc", "crun"];

@@ -1,5 +1,7 @@
 //! Address-range routing for port I/O and MMIO.
 
+#![warn(clippy::cast_possible_truncation)]
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
@@ -109,7 +111,7 @@ mod tests {
 
     impl BusDevice for Recorder {
         fn read(&mut self, offset: u64, data: &mut [u8]) {
-            data.fill(offset as u8);
+            data.fill(offset.to_le_bytes()[0]);
         }
         fn write(&mut self, offset: u64, data: &[u8]) {
             self.writes.push((offset, data.to_vec()));

@@ -3,6 +3,8 @@
 //! to port 0x64 after waiting for the input buffer to be empty. Reads say
 //! "no data, input buffer empty" so that wait ends at once.
 
+#![warn(clippy::cast_possible_truncation)]
+
 use std::sync::Arc;
 
 use super::BusDevice;

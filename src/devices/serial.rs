@@ -1,11 +1,14 @@
 //! COM1: a 16550A-compatible UART (vm-superio's 8250 model) at port
 //! 0x3f8, IRQ 4, connected to vmlab's stdout and stdin.
 //!
-//! Output bytes go to the host through [`ConsoleOutput`], which also keeps
-//! the last few KiB so that vmlab can quote the guest's last words (a
-//! kernel panic message) when it ends abnormally. Input is queued by the
+//! Output bytes go to the [`Console`] buffer, drained to stdout by the
+//! console thread (src/devices/console.rs), and to a tail of the last few
+//! KiB so that vmlab can quote the guest's last words (a kernel panic
+//! message) when it ends abnormally. Input is queued by the
 //! control loop; when the guest has drained the receive FIFO the device
 //! signals `rx_ready` so the loop can push more.
+
+#![warn(clippy::cast_possible_truncation)]
 
 use std::collections::VecDeque;
 use std::io::Write;
@@ -15,6 +18,7 @@ use vm_superio::serial::SerialEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::console::Console;
 use super::BusDevice;
 
 /// COM1 base port.
@@ -84,53 +88,53 @@ pub fn find_panic(text: &str) -> Option<String> {
     })
 }
 
-/// Where console output goes: a host writer (stdout), flushed per byte when
-/// someone watches interactively and per line otherwise, plus the tail.
-pub struct ConsoleOutput {
-    out: Box<dyn Write + Send>,
+/// The UART's transmitter side: each byte goes to the [`Console`] buffer
+/// (never to the host directly: a vCPU does not wait for stdout) and to
+/// the tail.
+pub struct ConsoleWriter {
+    console: Arc<Console>,
     tail: ConsoleTail,
-    flush_every_byte: bool,
 }
 
-impl ConsoleOutput {
-    /// Output to `out`.
-    pub fn new(out: Box<dyn Write + Send>, tail: ConsoleTail, flush_every_byte: bool) -> Self {
-        ConsoleOutput {
-            out,
-            tail,
-            flush_every_byte,
-        }
+impl ConsoleWriter {
+    /// Output into `console`, remembered in `tail`.
+    pub fn new(console: Arc<Console>, tail: ConsoleTail) -> Self {
+        ConsoleWriter { console, tail }
     }
 }
 
-impl Write for ConsoleOutput {
+impl Write for ConsoleWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.tail.push(buf);
-        // A closed stdout (the reader went away) must not stop the guest:
-        // drop the bytes, as a disconnected serial cable would.
-        let _ = self.out.write_all(buf);
-        if self.flush_every_byte || buf.contains(&b'\n') {
-            let _ = self.out.flush();
-        }
+        self.console.push(buf);
         Ok(buf.len())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        let _ = self.out.flush();
         Ok(())
     }
 }
 
+/// Line status register offset, and its transmitter bits: THR empty and
+/// transmitter (shift register) empty.
+const LSR_OFFSET: u64 = 5;
+const LSR_TX_IDLE: u8 = 0x20 | 0x40;
+/// Interrupt enable register offset.
+const IER_OFFSET: u8 = 1;
+
 /// The UART on the bus.
 pub struct SerialDevice {
-    uart: Serial<IrqTrigger, RxReady, ConsoleOutput>,
+    uart: Serial<IrqTrigger, RxReady, ConsoleWriter>,
+    console: Arc<Console>,
 }
 
 impl SerialDevice {
     /// A UART raising `irq` and writing to `out`.
-    pub fn new(irq: EventFd, rx_ready: Arc<EventFd>, out: ConsoleOutput) -> Self {
+    pub fn new(irq: EventFd, rx_ready: Arc<EventFd>, out: ConsoleWriter) -> Self {
+        let console = out.console.clone();
         SerialDevice {
             uart: Serial::with_events(IrqTrigger(irq), RxReady(rx_ready), out),
+            console,
         }
     }
 
@@ -142,24 +146,43 @@ impl SerialDevice {
         self.uart.enqueue_raw_bytes(bytes).unwrap_or(0)
     }
 
-    /// Flushes buffered output to the host.
-    pub fn flush(&mut self) {
-        let _ = self.uart.writer_mut().flush();
+    /// The console made room after the guest found the transmitter busy:
+    /// raise the transmitter-empty interrupt again (if the guest enabled
+    /// it), as a real UART does when its FIFO drains. Rewriting IER with
+    /// its own value is how vm-superio re-asserts a pending condition.
+    pub fn kick_transmitter(&mut self) {
+        let ier = self.uart.read(IER_OFFSET);
+        if let Err(e) = self.uart.write(IER_OFFSET, ier) {
+            log::debug!("serial: {e:?}");
+        }
     }
+}
+
+/// The UART register at `offset`, if there is one.
+fn register(offset: u64) -> Option<u8> {
+    u8::try_from(offset)
+        .ok()
+        .filter(|&r| u64::from(r) < COM1_LEN)
 }
 
 impl BusDevice for SerialDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        if data.len() == 1 && offset < COM1_LEN {
-            data[0] = self.uart.read(offset as u8);
+        if let (Some(register), [byte]) = (register(offset), &mut *data) {
+            *byte = self.uart.read(register);
+            // vm-superio's transmitter is always idle; this one is busy
+            // while the console buffer is full, so that the guest's driver
+            // waits instead of losing its output.
+            if offset == LSR_OFFSET && self.console.congested() {
+                *byte &= !LSR_TX_IDLE;
+            }
         } else {
             data.fill(0xff);
         }
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        if data.len() == 1 && offset < COM1_LEN {
-            if let Err(e) = self.uart.write(offset as u8, data[0]) {
+        if let (Some(register), [byte]) = (register(offset), data) {
+            if let Err(e) = self.uart.write(register, *byte) {
                 log::debug!("serial: {e:?}");
             }
         }
@@ -169,43 +192,126 @@ impl BusDevice for SerialDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::console::testing::{wait_for, Gate};
+    use crate::devices::console::{ConsoleSink, ConsoleThread, BUFFER_CAPACITY};
+    use std::time::{Duration, Instant};
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
-    #[derive(Clone, Default)]
-    struct Sink(Arc<Mutex<Vec<u8>>>);
-    impl Write for Sink {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
+    struct Uart {
+        dev: Arc<Mutex<SerialDevice>>,
+        gate: Gate,
+        console: Arc<Console>,
+        thread: ConsoleThread,
+        tail: ConsoleTail,
+        irq: EventFd,
+        rx: Arc<EventFd>,
+    }
+
+    /// A UART whose console thread writes into a [`Gate`] (closed until
+    /// released) and kicks the UART as vm.rs wires it.
+    fn device() -> Uart {
+        let gate = Gate::default();
+        let tail = ConsoleTail::default();
+        let console = Console::new();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let rx = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        let out = ConsoleWriter::new(console.clone(), tail.clone());
+        let dev = Arc::new(Mutex::new(SerialDevice::new(
+            irq.try_clone().unwrap(),
+            rx.clone(),
+            out,
+        )));
+        let kick = dev.clone();
+        let thread = ConsoleThread::start(
+            console.clone(),
+            ConsoleSink::Writer(Box::new(gate.clone())),
+            Box::new(move || kick.lock().unwrap().kick_transmitter()),
+        )
+        .unwrap();
+        Uart {
+            dev,
+            gate,
+            console,
+            thread,
+            tail,
+            irq,
+            rx,
         }
     }
 
-    fn device() -> (SerialDevice, Sink, ConsoleTail, EventFd, Arc<EventFd>) {
-        let sink = Sink::default();
-        let tail = ConsoleTail::default();
-        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-        let rx = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
-        let out = ConsoleOutput::new(Box::new(sink.clone()), tail.clone(), false);
-        let dev = SerialDevice::new(irq.try_clone().unwrap(), rx.clone(), out);
-        (dev, sink, tail, irq, rx)
+    fn lsr(dev: &mut SerialDevice) -> u8 {
+        let mut b = [0u8];
+        dev.read(5, &mut b);
+        b[0]
     }
 
     #[test]
     fn transmit_reaches_host_and_tail() {
-        let (mut dev, sink, tail, _irq, _rx) = device();
+        let u = device();
+        u.gate.release();
         for b in b"hello\n" {
-            dev.write(0, &[*b]);
+            u.dev.lock().unwrap().write(0, &[*b]);
         }
-        assert_eq!(&*sink.0.lock().unwrap(), b"hello\n");
-        assert_eq!(tail.text(), "hello\n");
+        let stats = u.thread.finish(Duration::from_secs(5));
+        assert_eq!(&*u.gate.out.lock().unwrap(), b"hello\n");
+        assert_eq!(u.tail.text(), "hello\n");
+        assert_eq!(stats.written, 6);
+    }
+
+    /// The console sink blocks (stdout nobody reads): every THR write
+    /// still returns at once, the transmitter reads busy once the buffer
+    /// is full, and when the sink moves again the console drains and the
+    /// transmitter-empty interrupt comes back.
+    #[test]
+    fn writes_return_at_once_when_the_sink_blocks() {
+        let u = device();
+        let mut d = u.dev.lock().unwrap();
+        d.write(1, &[0x02]); // IER: transmitter-empty interrupt on
+        assert_eq!(lsr(&mut d) & LSR_TX_IDLE, LSR_TX_IDLE);
+        let started = Instant::now();
+        let mut sent = 0usize;
+        let mut slowest = Duration::ZERO;
+        while lsr(&mut d) & LSR_TX_IDLE != 0 {
+            let t = Instant::now();
+            d.write(0, b"x");
+            slowest = slowest.max(t.elapsed());
+            sent += 1;
+            // The thread holds up to a chunk (4 KiB) it cannot write.
+            assert!(
+                sent <= 2 * BUFFER_CAPACITY,
+                "the transmitter never reads busy"
+            );
+        }
+        // A write that waited for the sink would wait forever (the gate
+        // opens below); the bounds only allow for a loaded host.
+        assert!(started.elapsed() < Duration::from_secs(20));
+        assert!(slowest < Duration::from_secs(2), "{slowest:?}");
+        assert!(sent > BUFFER_CAPACITY / 2, "{sent}");
+        // The guest's driver acknowledges the interrupt and, seeing the
+        // transmitter busy, waits for the next one.
+        let mut iir = [0u8];
+        d.read(2, &mut iir);
+        let _ = u.irq.read();
+        drop(d);
+        u.gate.release();
+        wait_for("the console drains", || u.console.pending() == 0);
+        wait_for("the transmitter-empty interrupt", || u.irq.read().is_ok());
+        let mut d = u.dev.lock().unwrap();
+        assert_eq!(lsr(&mut d) & LSR_TX_IDLE, LSR_TX_IDLE);
+        d.read(2, &mut iir);
+        assert_eq!(iir[0] & 0x0f, 0x02, "THRE is the pending interrupt");
+        drop(d);
+        let stats = u.thread.finish(Duration::from_secs(5));
+        assert_eq!(stats.written, sent as u64);
+        assert_eq!(stats.dropped, 0);
+        assert_eq!(u.gate.out.lock().unwrap().len(), sent);
     }
 
     #[test]
     fn receive_raises_irq_and_drains() {
-        let (mut dev, _sink, _tail, irq, rx) = device();
+        let u = device();
+        let mut dev = u.dev.lock().unwrap();
+        let (irq, rx) = (&u.irq, &u.rx);
         dev.write(1, &[0x01]); // IER: received-data interrupt on
         assert_eq!(dev.enqueue_input(b"ab"), 2);
         assert_eq!(irq.read().unwrap(), 1);
@@ -222,7 +328,8 @@ mod tests {
 
     #[test]
     fn fifo_limits_input() {
-        let (mut dev, ..) = device();
+        let u = device();
+        let mut dev = u.dev.lock().unwrap();
         let big = vec![b'x'; 200];
         let n = dev.enqueue_input(&big);
         assert!(n > 0 && n < 200);
@@ -231,7 +338,8 @@ mod tests {
 
     #[test]
     fn odd_access_sizes_do_not_panic() {
-        let (mut dev, ..) = device();
+        let u = device();
+        let mut dev = u.dev.lock().unwrap();
         let mut two = [0u8; 2];
         dev.read(0, &mut two);
         assert_eq!(two, [0xff, 0xff]);

@@ -11,9 +11,12 @@
 //! | 0xf4 | 2 / 3 / 4 | power-off / reboot / halt requested |
 //! | 0xf5 | n | the command exited with status n; the VM stops |
 
+#![warn(clippy::cast_possible_truncation)]
+
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::console::Console;
 use super::BusDevice;
 use crate::control::{Control, VmEvent};
 
@@ -30,12 +33,14 @@ const EVENT_HALT: u8 = 4;
 /// The device.
 pub struct StatusDevice {
     control: Arc<Control>,
+    console: Arc<Console>,
 }
 
 impl StatusDevice {
-    /// A device reporting to `control`.
-    pub fn new(control: Arc<Control>) -> Self {
-        StatusDevice { control }
+    /// A device reporting to `control`; closes `console` when the
+    /// command's status arrives.
+    pub fn new(control: Arc<Control>, console: Arc<Console>) -> Self {
+        StatusDevice { control, console }
     }
 }
 
@@ -51,7 +56,14 @@ impl BusDevice for StatusDevice {
             (0, EVENT_POWER_OFF) => VmEvent::PowerOff,
             (0, EVENT_REBOOT) => VmEvent::Reboot,
             (0, EVENT_HALT) => VmEvent::Halt,
-            (1, status) => VmEvent::CommandExited(status),
+            (1, status) => {
+                // The command's output is complete (the init drained its
+                // tty first); what the guest prints from now on (the
+                // kernel's reboot message) is not part of it. Closed here,
+                // on the vCPU thread, before anything else can run.
+                self.console.close();
+                VmEvent::CommandExited(status)
+            }
             _ => {
                 log::debug!("status device: ignoring write {value:#x} at offset {offset}");
                 return;
@@ -68,11 +80,16 @@ mod tests {
     #[test]
     fn events_from_writes() {
         let (control, rx) = Control::new().unwrap();
-        let mut dev = StatusDevice::new(Arc::new(control));
+        let console = Console::new();
+        let mut dev = StatusDevice::new(Arc::new(control), console.clone());
         dev.write(0, &[1]);
         assert!(matches!(rx.try_recv().unwrap(), VmEvent::InitUp(_)));
+        console.push(b"hi\n");
         dev.write(1, &[3]);
         assert_eq!(rx.try_recv().unwrap(), VmEvent::CommandExited(3));
+        console.push(b"reboot: Restarting system\n");
+        assert_eq!(console.pending(), 3, "output after the status is discarded");
+        assert_eq!(console.stats().after_close, 26);
         dev.write(0, &[2]);
         assert_eq!(rx.try_recv().unwrap(), VmEvent::PowerOff);
         dev.write(0, &[3]);

@@ -498,10 +498,8 @@ mod tests {
             let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
             assert!(sock >= 0);
             // SAFETY: as in set_link_up.
-            assert_eq!(
-                unsafe { libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut req) },
-                0
-            );
+            let rc = unsafe { libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut req) };
+            assert_eq!(rc, 0);
             // SAFETY: closes the socket this test opened.
             unsafe { libc::close(sock) };
             assert_ne!(req.flags & libc::IFF_UP as libc::c_short, 0);

@@ -219,8 +219,10 @@ fn extracted(store: &Store, r: &Resolved, cache: &Path) -> Result<PathBuf, Error
         r.layers.len(),
         rootfs.display()
     );
+    let limits = super::layers::Limits::from_env().map_err(Error::Limits)?;
+    let mut budget = super::layers::Budget::new(limits);
     for layer in &r.layers {
-        oci::apply_layer(store, layer, &tmp)?;
+        oci::apply_layer(store, layer, &tmp, &mut budget)?;
     }
     // The root directory of a root filesystem: 0755 whatever the umask.
     fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).map_err(|source| Error::Io {

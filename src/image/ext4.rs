@@ -215,7 +215,13 @@ impl Mirror {
     }
 
     fn copy_file(&self, s: &Path, d: &Path, m: &fs::Metadata) -> Result<(), Error> {
-        let mut src = File::open(s).map_err(io_error("open", s))?;
+        // Checked as a regular file by the caller: O_NOFOLLOW|O_NONBLOCK so
+        // that one swapped for a link or a FIFO since fails, not hangs.
+        let mut src = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(s)
+            .map_err(io_error("open", s))?;
         let mut dst = OpenOptions::new()
             .write(true)
             .create_new(true)

@@ -19,6 +19,14 @@
 //!   there is replaced, not written through; files are created with
 //!   `O_CREAT|O_EXCL|O_NOFOLLOW`.
 //!
+//!
+//! Nor may a layer fill the host's disk: an image's layers together may
+//! write at most [`Limits::max_bytes`] of file content (8 GiB by default,
+//! `VMLAB_IMAGE_MAX_BYTES`) in at most [`Limits::max_entries`] entries
+//! (1,000,000, `VMLAB_IMAGE_MAX_ENTRIES`), checked from each entry's header
+//! before any of it is written; and GNU sparse entries (whose holes would
+//! be written out as zeros) are refused.
+//!
 //! The one operation done later than its entry (directory modes and mtimes,
 //! at the end of the layer, because adding children changes a directory's
 //! mtime) re-checks that no component of the path became a symlink first.
@@ -41,6 +49,110 @@ const WHITEOUT_PREFIX: &[u8] = b".wh.";
 const WHITEOUT_META_PREFIX: &[u8] = b".wh..wh.";
 const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
 
+/// The variable that sets [`Limits::max_bytes`].
+pub const LIMIT_BYTES_ENV: &str = "VMLAB_IMAGE_MAX_BYTES";
+/// The variable that sets [`Limits::max_entries`].
+pub const LIMIT_ENTRIES_ENV: &str = "VMLAB_IMAGE_MAX_ENTRIES";
+
+/// How much one image's layers may write, all layers together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Bytes of file content.
+    pub max_bytes: u64,
+    /// Entries (files, directories, links, nodes, whiteouts).
+    pub max_entries: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_bytes: 8 << 30,
+            max_entries: 1_000_000,
+        }
+    }
+}
+
+impl Limits {
+    /// The defaults, overridden by `VMLAB_IMAGE_MAX_BYTES` (a size as
+    /// `--memory` takes it: 512M, 20G; a plain number is MiB) and
+    /// `VMLAB_IMAGE_MAX_ENTRIES` (a count).
+    pub fn from_env() -> std::result::Result<Limits, String> {
+        let var = |name| std::env::var(name).ok();
+        Limits::parse(
+            var(LIMIT_BYTES_ENV).as_deref(),
+            var(LIMIT_ENTRIES_ENV).as_deref(),
+        )
+    }
+
+    /// [`Limits::from_env`] on the variables' values.
+    pub fn parse(
+        bytes: Option<&str>,
+        entries: Option<&str>,
+    ) -> std::result::Result<Limits, String> {
+        let mut l = Limits::default();
+        if let Some(b) = bytes {
+            l.max_bytes =
+                crate::cli::parse_size(b).map_err(|e| format!("{LIMIT_BYTES_ENV}: {e}"))?;
+        }
+        if let Some(n) = entries {
+            l.max_entries = n
+                .trim()
+                .parse::<u64>()
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(|| format!("{LIMIT_ENTRIES_ENV}: '{n}' is not a positive count"))?;
+        }
+        Ok(l)
+    }
+}
+
+/// What is left of an image's [`Limits`] while its layers are applied.
+#[derive(Debug, Clone)]
+pub struct Budget {
+    limits: Limits,
+    bytes: u64,
+    entries: u64,
+}
+
+impl Budget {
+    /// A full budget.
+    pub fn new(limits: Limits) -> Budget {
+        Budget {
+            limits,
+            bytes: 0,
+            entries: 0,
+        }
+    }
+
+    /// Charges one entry with `size` bytes of content, or says why not.
+    fn charge(&mut self, path: &Path, size: u64) -> Result<()> {
+        let l = self.limits;
+        if self.entries >= l.max_entries {
+            return Err(Error::Limit {
+                path: show(path),
+                reason: format!(
+                    "the image has more than {} entries (set {LIMIT_ENTRIES_ENV} to allow more)",
+                    l.max_entries
+                ),
+            });
+        }
+        match self.bytes.checked_add(size) {
+            Some(total) if total <= l.max_bytes => {
+                self.bytes = total;
+                self.entries += 1;
+                Ok(())
+            }
+            _ => Err(Error::Limit {
+                path: show(path),
+                reason: format!(
+                    "its {size} bytes take the image past its decompressed-size limit of {} bytes (set {LIMIT_BYTES_ENV} to allow more)",
+                    l.max_bytes
+                ),
+            }),
+        }
+    }
+}
+
 /// Why a layer could not be applied.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -61,6 +173,14 @@ pub enum Error {
         path: String,
         /// Why.
         source: io::Error,
+    },
+    /// The image is larger than its [`Limits`].
+    #[error("entry {path}: {reason}")]
+    Limit {
+        /// The entry that went past the limit.
+        path: String,
+        /// Which limit.
+        reason: String,
     },
     /// The archive itself is unreadable (corrupt, truncated, not a tar).
     #[error("not a readable tar archive: {0}")]
@@ -139,8 +259,15 @@ struct Applier<'a> {
     warned_device: bool,
 }
 
-/// Applies the layer tar archive read from `layer` to the directory `root`.
+/// Applies the layer tar archive read from `layer` to the directory `root`,
+/// with the default [`Limits`] for this layer alone.
 pub fn apply(root: &Path, layer: impl Read) -> Result<()> {
+    apply_limited(root, layer, &mut Budget::new(Limits::default()))
+}
+
+/// Applies a layer, charging its entries to `budget` (one budget for all
+/// the layers of an image).
+pub fn apply_limited(root: &Path, layer: impl Read, budget: &mut Budget) -> Result<()> {
     let mut archive = tar::Archive::new(layer);
     let mut applier = Applier {
         root,
@@ -153,6 +280,12 @@ pub fn apply(root: &Path, layer: impl Read) -> Result<()> {
     };
     for entry in archive.entries().map_err(Error::Tar)? {
         let mut entry = entry.map_err(Error::Tar)?;
+        let path = entry.path().map_err(Error::Tar)?.into_owned();
+        let size = match entry.header().entry_type() {
+            tar::EntryType::Link | tar::EntryType::Symlink => 0,
+            _ => entry.size(),
+        };
+        budget.charge(&path, size)?;
         applier.entry(&mut entry)?;
     }
     applier.finish_dirs()
@@ -264,7 +397,16 @@ impl Applier<'_> {
         Ok(match header.entry_type() {
             // Old tars mark directories as regular files named `dir/`.
             T::Regular | T::Continuous if entry.path_bytes().ends_with(b"/") => Kind::Dir,
-            T::Regular | T::Continuous | T::GNUSparse => Kind::File,
+            T::Regular | T::Continuous => Kind::File,
+            // Its holes would be written out as zeros: a few bytes of
+            // archive could fill the host's disk. Docker images do not use
+            // them (Go's archive/tar writes none).
+            T::GNUSparse => {
+                return Err(unsafe_entry(
+                    path,
+                    "GNU sparse file: refused (vmlab does not write sparse entries out)",
+                ))
+            }
             T::Directory => Kind::Dir,
             T::Symlink => Kind::Symlink(link()?),
             T::Link => Kind::HardLink(link()?),
@@ -937,6 +1079,83 @@ mod tests {
         apply_all(&root, &[l]).unwrap();
         let m = fs::metadata(&outside).unwrap();
         assert_eq!(m.permissions().mode() & 0o7777, 0o700);
+    }
+
+    #[test]
+    fn gnu_sparse_entries_are_refused() {
+        let t = TempDir::new("layers-sparse");
+        // 512 bytes of data after a 1 MiB hole: refused, not written out.
+        let l = Layer::new()
+            .file("before", b"b", 0o644)
+            .gnu_sparse("holes", 1 << 20, &[7u8; 512]);
+        let err = apply(t.path(), &l.bytes()[..]).unwrap_err().to_string();
+        assert!(err.contains("holes") && err.contains("sparse"), "{err}");
+        assert!(!t.path().join("holes").exists());
+        // A 1 TiB one is past the size limit before that.
+        let l = Layer::new().gnu_sparse("huge", 1 << 40, &[7u8; 512]);
+        let err = apply(t.path(), &l.bytes()[..]).unwrap_err().to_string();
+        assert!(err.contains("huge") && err.contains("limit"), "{err}");
+        assert!(!t.path().join("huge").exists());
+    }
+
+    fn small(max_bytes: u64, max_entries: u64) -> Budget {
+        Budget::new(Limits {
+            max_bytes,
+            max_entries,
+        })
+    }
+
+    #[test]
+    fn the_decompressed_size_is_limited_across_layers() {
+        let t = TempDir::new("layers-bytes");
+        let mut budget = small(1000, 100);
+        let l1 = Layer::new().file("a", &[1u8; 600], 0o644);
+        apply_limited(t.path(), &l1.bytes()[..], &mut budget).unwrap();
+        // 600 + 600 > 1000: the second layer's file is refused before any
+        // of it is written.
+        let l2 = Layer::new().file("b", &[2u8; 600], 0o644);
+        let err = apply_limited(t.path(), &l2.bytes()[..], &mut budget)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("entry b") && err.contains("1000 bytes") && err.contains(LIMIT_BYTES_ENV),
+            "{err}"
+        );
+        assert!(!t.path().join("b").exists());
+        // Exactly at the limit is fine.
+        let mut budget = small(1200, 100);
+        apply_limited(t.path(), &l2.bytes()[..], &mut budget).unwrap();
+        let l3 = Layer::new().file("c", &[3u8; 600], 0o644);
+        apply_limited(t.path(), &l3.bytes()[..], &mut budget).unwrap();
+    }
+
+    #[test]
+    fn the_entry_count_is_limited() {
+        let t = TempDir::new("layers-entries");
+        let mut l = Layer::new();
+        for i in 0..11 {
+            l = l.fifo(&format!("f{i}"));
+        }
+        let err = apply_limited(t.path(), &l.bytes()[..], &mut small(1 << 20, 10))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("10 entries") && err.contains(LIMIT_ENTRIES_ENV),
+            "{err}"
+        );
+        assert!(!t.path().join("f10").exists());
+    }
+
+    #[test]
+    fn limits_from_the_environment() {
+        assert_eq!(Limits::parse(None, None).unwrap(), Limits::default());
+        assert_eq!(Limits::default().max_bytes, 8 << 30);
+        let l = Limits::parse(Some("512M"), Some("20")).unwrap();
+        assert_eq!((l.max_bytes, l.max_entries), (512 << 20, 20));
+        assert!(Limits::parse(Some("lots"), None)
+            .unwrap_err()
+            .contains(LIMIT_BYTES_ENV));
+        assert!(Limits::parse(None, Some("0")).is_err());
     }
 
     #[test]

@@ -26,6 +26,27 @@ mod testutil;
 use std::io;
 use std::path::{Path, PathBuf};
 
+/// Entry points for the fuzz targets in `fuzz/` (the `fuzzing` feature).
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing {
+    use super::{oci, Error, ImageConfig};
+    use std::path::Path;
+
+    /// Opens the image at `path` (an OCI layout or `docker save` directory
+    /// or archive) and resolves its index, manifest and config, verifying
+    /// their digests, without applying any layer: the config and the
+    /// number of layers.
+    pub fn resolve(path: &Path) -> Result<(ImageConfig, usize), Error> {
+        match oci::open(path)? {
+            oci::Source::RootfsDir(_) => Ok((ImageConfig::default(), 0)),
+            oci::Source::Image(store) => {
+                let r = oci::resolve(&store)?;
+                Ok((r.config, r.layers.len()))
+            }
+        }
+    }
+}
+
 pub use cache::{cache_root, prepare_ext4_in, prepare_rootfs_dir_in, RunDisk};
 pub use config::ImageConfig;
 pub use init::{find_init, GUEST_INIT_PATH};
@@ -100,6 +121,9 @@ pub enum Error {
         /// What went wrong.
         source: layers::Error,
     },
+    /// `VMLAB_IMAGE_MAX_BYTES` or `VMLAB_IMAGE_MAX_ENTRIES` is malformed.
+    #[error("image limits: {0}")]
+    Limits(String),
     /// A host file operation failed (cache, disk image).
     #[error("{what} {}: {source}", path.display())]
     Io {

@@ -695,7 +695,13 @@ pub fn check_layers_present(store: &Store, r: &Resolved) -> Result<(), Error> {
 /// Applies one layer to `root`, verifying the blob digest (as stored) and
 /// the diff ID (uncompressed) as it streams. A digest mismatch is reported
 /// as such even when the corruption also broke the tar or gzip stream.
-pub fn apply_layer(store: &Store, layer: &LayerRef, root: &Path) -> Result<(), Error> {
+/// Its entries are charged to `budget`, the image's [`layers::Limits`].
+pub fn apply_layer(
+    store: &Store,
+    layer: &LayerRef,
+    root: &Path,
+    budget: &mut layers::Budget,
+) -> Result<(), Error> {
     let what = format!("{}: {}", image_label(store), layer.label);
     let (raw, size) = store.open(&layer.name)?.ok_or_else(|| Error::MissingBlob {
         what: format!("{} ({})", layer.label, layer.name),
@@ -706,7 +712,7 @@ pub fn apply_layer(store: &Store, layer: &LayerRef, root: &Path) -> Result<(), E
         None => Hasher::sha256(),
     };
     let mut stored = HashingReader::new(raw, blob_hasher);
-    let applied = apply_stream(&mut stored, layer, root, &what);
+    let applied = apply_stream(&mut stored, layer, root, &what, budget);
     // Whatever happened, hash the rest so the digest check below can say
     // whether the blob itself is damaged.
     let drained = stored.drain();
@@ -738,6 +744,7 @@ fn apply_stream(
     layer: &LayerRef,
     root: &Path,
     what: &str,
+    budget: &mut layers::Budget,
 ) -> Result<String, Error> {
     let mut buffered = BufReader::with_capacity(256 * 1024, stored);
     let head = buffered.fill_buf().map_err(|source| Error::Io {
@@ -755,7 +762,7 @@ fn apply_stream(
         _ => Box::new(&mut buffered),
     };
     let mut tar = HashingReader::new(decoded, Hasher::for_digest(&layer.diff_id)?);
-    layers::apply(root, &mut tar).map_err(|source| Error::Layer {
+    layers::apply_limited(root, &mut tar, budget).map_err(|source| Error::Layer {
         layer: what.to_string(),
         source,
     })?;

@@ -318,14 +318,23 @@ fn files_that_are_not_images() {
     assert!(e.to_string().contains("index.json"), "{e}");
 }
 
+/// Prepares an image of `layers` (the first gzipped) that must be refused:
+/// its error, and what the image's cache directory holds afterwards.
+fn refused_image(name: &str, layers: &[Vec<u8>]) -> (Error, Vec<String>) {
+    let t = TempDir::new(name);
+    let cache = t.path().join("cache");
+    let layout = t.path().join("layout");
+    fs::create_dir(&layout).unwrap();
+    let w = oci_layout(&layout, layers, &[true, true], &process_config());
+    let e = prepare_rootfs_dir_in(&layout, &cache).unwrap_err();
+    let key = cache.join(w.config_digest.replace(':', "-"));
+    (e, ls(&key))
+}
+
 /// An image whose layer tries to escape: refused with the layer named,
 /// nothing written outside, nothing cached.
 #[test]
 fn escaping_layer_fails_the_image() {
-    let t = TempDir::new("image-escape");
-    let cache = t.path().join("cache");
-    let layout = t.path().join("layout");
-    fs::create_dir(&layout).unwrap();
     let layers = vec![
         Layer::new().file("bin/app", b"x", 0o755).bytes(),
         Layer::new()
@@ -333,8 +342,7 @@ fn escaping_layer_fails_the_image() {
             .file("up/tmp/vmlab-escaped", b"x", 0o644)
             .bytes(),
     ];
-    let w = oci_layout(&layout, &layers, &[true, true], &process_config());
-    let e = prepare_rootfs_dir_in(&layout, &cache).unwrap_err();
+    let (e, cached) = refused_image("image-escape", &layers);
     let msg = e.to_string();
     assert!(
         matches!(
@@ -351,8 +359,26 @@ fn escaping_layer_fails_the_image() {
         "{msg}"
     );
     assert!(!Path::new("/tmp/vmlab-escaped").exists());
-    let key = cache.join(w.config_digest.replace(':', "-"));
-    assert_eq!(ls(&key), Vec::<String>::new());
+    assert_eq!(cached, Vec::<String>::new());
+}
+
+/// A GNU sparse entry (its hole would be written out as zeros) fails the
+/// image, naming the layer; nothing is cached.
+#[test]
+fn sparse_layer_fails_the_image() {
+    let layers = vec![
+        Layer::new().file("bin/app", b"x", 0o755).bytes(),
+        Layer::new()
+            .gnu_sparse("var/disk.img", 4 << 20, &[1u8; 512])
+            .bytes(),
+    ];
+    let (e, cached) = refused_image("image-sparse", &layers);
+    let msg = e.to_string();
+    assert!(
+        msg.contains("layer 2/2") && msg.contains("var/disk.img") && msg.contains("sparse"),
+        "{msg}"
+    );
+    assert_eq!(cached, Vec::<String>::new());
 }
 
 #[test]

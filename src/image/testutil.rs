@@ -95,6 +95,25 @@ impl Layer {
     pub fn fifo(self, path: &str) -> Self {
         self.raw(path, "", tar::EntryType::Fifo, 0o644, b"")
     }
+    /// A GNU sparse entry of `real_size` bytes: a hole, then `data` (a
+    /// multiple of 512 bytes) at its end.
+    pub fn gnu_sparse(mut self, path: &str, real_size: u64, data: &[u8]) -> Self {
+        let mut h = tar::Header::new_gnu();
+        h.as_old_mut().name[..path.len()].copy_from_slice(path.as_bytes());
+        h.set_entry_type(tar::EntryType::GNUSparse);
+        h.set_mode(0o644);
+        h.set_mtime(MTIME);
+        h.set_size(data.len() as u64);
+        {
+            let gnu = h.as_gnu_mut().unwrap();
+            gnu.set_real_size(real_size);
+            gnu.sparse[0].set_offset(real_size - data.len() as u64);
+            gnu.sparse[0].set_length(data.len() as u64);
+        }
+        h.set_cksum();
+        self.0.append(&h, data).unwrap();
+        self
+    }
     pub fn whiteout(self, path: &str) -> Self {
         self.raw(path, "", tar::EntryType::Regular, 0o000, b"")
     }

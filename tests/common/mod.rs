@@ -3,10 +3,16 @@
 
 #![allow(dead_code)]
 
+mod guest;
+#[allow(unused_imports)]
+pub use guest::*;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
+
+use vmlab::host::{HostKind, PVM_CMDLINE};
 
 /// A finished vmlab run.
 pub struct Run {
@@ -28,6 +34,17 @@ impl Run {
             .lines()
             .map(|l| l.trim_end_matches('\r').to_string())
             .collect()
+    }
+
+    /// Asserts that stderr contains (`has`) or lacks `needle`.
+    pub fn assert_stderr(&self, has: bool, needle: &str) {
+        assert_eq!(
+            self.stderr.contains(needle),
+            has,
+            "stderr {} {needle:?}\n{}",
+            if has { "lacks" } else { "has" },
+            self.dump()
+        );
     }
 
     /// Everything, for assertion messages.
@@ -65,6 +82,69 @@ pub fn vmlab() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmlab"));
     cmd.stdin(Stdio::null());
     cmd
+}
+
+/// The kind of KVM host the tests must find: `VMLAB_EXPECT_HOST=hardware`
+/// (scripts/test-svm.sh sets it in its nested-SVM L1) or `pvm`; unset,
+/// whatever vmlab's own detection says this host is.
+pub fn expected_host() -> HostKind {
+    match std::env::var("VMLAB_EXPECT_HOST").as_deref() {
+        Ok("hardware") => HostKind::Hardware,
+        Ok("pvm") => HostKind::NestedPvm,
+        Ok(other) => panic!("VMLAB_EXPECT_HOST={other}: expected hardware or pvm"),
+        Err(_) => HostKind::detect(),
+    }
+}
+
+/// Checks that a `vmlab run` (with the default `--host-quirks auto` and
+/// log level) detected the expected host and applied the PVM workarounds
+/// exactly when that host is PVM: its log line, the emulation fallback
+/// and `--stats` rows of emulated instructions.
+pub fn assert_host_workarounds(stderr: &str) {
+    let expected = expected_host();
+    let want = format!("host: {} (", expected.describe());
+    assert!(
+        stderr.contains(&want),
+        "vmlab should have detected {want:?}\n--- stderr ---\n{stderr}"
+    );
+    if expected == HostKind::Hardware {
+        for pvm_only in ["adding to the guest command line", "emulation fallback"] {
+            assert!(
+                !stderr.contains(pvm_only),
+                "PVM workaround applied on a hardware host ({pvm_only:?})\n--- stderr ---\n{stderr}"
+            );
+        }
+    }
+}
+
+/// Checks the guest's own `/proc/cmdline` (the words after `prefix` on a
+/// stdout line the guest printed): it carries the PVM-only options exactly
+/// when the expected host is PVM (or `--host-quirks pvm` forced them).
+pub fn assert_guest_cmdline(run: &Run, prefix: &str, pvm: bool) {
+    let lines = run.lines();
+    let cmdline = lines
+        .iter()
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} line\n{}", run.dump()));
+    let words: Vec<&str> = cmdline.split_whitespace().collect();
+    for option in PVM_CMDLINE {
+        assert_eq!(
+            words.contains(option),
+            pvm,
+            "guest command line {} {option:?}: {cmdline}\n{}",
+            if pvm { "lacks" } else { "carries the PVM-only" },
+            run.dump()
+        );
+    }
+}
+
+/// Runs a `vmlab run` that boots a guest with the default `--host-quirks
+/// auto` and log level: [`run_with_deadline`] plus
+/// [`assert_host_workarounds`].
+pub fn run_guest(cmd: Command, limit: Duration) -> Run {
+    let run = run_with_deadline(cmd, limit);
+    assert_host_workarounds(&run.stderr);
+    run
 }
 
 /// Runs `cmd`, killing it after `limit`.

@@ -32,6 +32,9 @@ pub struct Config {
     /// Lower the kernel console log level so late kernel messages do not
     /// interleave with the command's output.
     pub quiet: bool,
+    /// Start the guest agent (vsock port 1024, src/agent.rs). Without a
+    /// command, the agent is all the guest runs until it is powered off.
+    pub agent: bool,
 }
 
 impl Default for Config {
@@ -43,6 +46,7 @@ impl Default for Config {
             workdir: None,
             user: None,
             quiet: false,
+            agent: false,
         }
     }
 }
@@ -260,6 +264,7 @@ fn apply(cfg: &mut Config, name: &[u8], value: Option<&[u8]>) -> Result<(), Cmdl
         b"cmd" => cfg.cmd = Some(split_argv(&hex_param(&pname, v)?)?),
         b"tty" => cfg.tty = bool_param(&pname, value)?,
         b"quiet" => cfg.quiet = bool_param(&pname, value)?,
+        b"agent" => cfg.agent = bool_param(&pname, value)?,
         b"env" => cfg.env = split_env(&hex_param(&pname, v)?)?,
         b"workdir" => {
             let dir = hex_param(&pname, v)?;
@@ -459,5 +464,9 @@ mod tests {
         );
         // Empty items and a bare flag are fine.
         assert!(parse(b"vmlab=,quiet,").unwrap().quiet);
+        // The agent is off unless asked for.
+        assert!(!a.agent);
+        assert!(parse(b"vmlab=tty:0,agent:1").unwrap().agent);
+        assert!(parse(b"vmlab=agent:2").is_err());
     }
 }

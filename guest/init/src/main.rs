@@ -15,6 +15,7 @@
 //! signal N, 127 if it was not found (or the `vmlab.*` parameters are
 //! malformed), 126 if it could not be executed, 125 if init itself failed.
 
+mod agent;
 mod cmdline;
 mod console;
 mod mounts;
@@ -40,6 +41,11 @@ macro_rules! warning {
     };
 }
 pub(crate) use {error, warning};
+
+/// Serializes the tests that start and reap processes: `waitpid(-1)`
+/// takes any child of the test process.
+#[cfg(test)]
+static TEST_CHILDREN: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Status for init's own failures (docker's 125).
 pub const EXIT_INIT_FAILURE: u8 = 125;
@@ -159,6 +165,15 @@ fn run(signals: &Signals, opts: &Options) -> Outcome {
             return Outcome::Exited(EXIT_INIT_FAILURE);
         }
     }
+    if cfg.agent {
+        // Before the command starts, so that `vmlab run --detach` can
+        // reach it while the command runs.
+        agent::start();
+        if cfg.cmd.is_none() {
+            // Nothing to run but the agent: serve until powered off.
+            return supervise::supervise(None, signals, opts);
+        }
+    }
     let home = creds
         .as_ref()
         .map_or_else(|| Path::new("/root").to_owned(), |c| c.home.clone());
@@ -170,9 +185,13 @@ fn run(signals: &Signals, opts: &Options) -> Outcome {
         env: build_env(&cfg.env, cfg.tty, &home),
         creds: creds.map(|c| (c.uid, c.gid, c.groups)),
         ctty: true,
+        cwd: None,
     };
     match supervise::spawn(&spec) {
-        Ok(pid) => supervise::supervise(pid, signals, opts),
+        Ok(pid) => {
+            agent::set_main(pid);
+            supervise::supervise(Some(pid), signals, opts)
+        }
         Err(e) => {
             error!("{}", e.message);
             Outcome::Exited(e.status)

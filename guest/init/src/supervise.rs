@@ -17,7 +17,9 @@ use std::ffi::OsString;
 use std::io;
 use std::mem::MaybeUninit;
 use std::os::unix::process::CommandExt;
-use std::process::Command;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
 use crate::errno_text;
@@ -130,6 +132,9 @@ pub struct CommandSpec {
     /// the foreground job. Only for PID 1: on a host it would take over the
     /// terminal of whoever runs the tests.
     pub ctty: bool,
+    /// Working directory (default: init's own, `/`). The caller checks that
+    /// it exists: a missing one would look like "command not found" here.
+    pub cwd: Option<PathBuf>,
 }
 
 /// The command could not be started.
@@ -142,9 +147,26 @@ pub struct SpawnError {
 }
 
 /// Starts the command in a new session (and process group), as a child of
-/// the caller. Exec errors come back through std's CLOEXEC pipe with their
-/// errno, which is mapped to docker's statuses.
+/// the caller, on init's own stdin/stdout/stderr (the console). Exec errors
+/// come back through std's CLOEXEC pipe with their errno, which is mapped
+/// to docker's statuses.
 pub fn spawn(spec: &CommandSpec) -> Result<libc::pid_t, SpawnError> {
+    spawn_child(spec, None).map(|child| child.id() as libc::pid_t)
+}
+
+/// Taken shared while a child is spawned and exclusively by [`reap`].
+/// When a child's exec fails, std's `Command::spawn` collects that child
+/// itself (`waitpid(pid)`) and panics if it is already gone ("wait()
+/// should either return Ok or panic"); in the guest that panic is init's
+/// and resets the VM. The reaper's `waitpid(-1)` must not take such a
+/// child first, which it did when an agent session started a command
+/// that was not found while PID 1 reaped.
+static SPAWNING: RwLock<()> = RwLock::new(());
+
+/// [`spawn`] with the given stdin, stdout and stderr (the guest agent's
+/// pipes or terminal). The caller owns the returned [`Child`]'s pipes; its
+/// exit status is collected by the reaper, not through the `Child`.
+pub fn spawn_child(spec: &CommandSpec, stdio: Option<[Stdio; 3]>) -> Result<Child, SpawnError> {
     let Some(prog) = spec.argv.first() else {
         return Err(SpawnError {
             status: EXIT_NOT_FOUND,
@@ -155,6 +177,12 @@ pub fn spawn(spec: &CommandSpec) -> Result<libc::pid_t, SpawnError> {
     cmd.args(spec.argv.iter().skip(1))
         .env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k, v)));
+    if let Some([stdin, stdout, stderr]) = stdio {
+        cmd.stdin(stdin).stdout(stdout).stderr(stderr);
+    }
+    if let Some(dir) = &spec.cwd {
+        cmd.current_dir(dir);
+    }
     let ctty = spec.ctty;
     let creds = spec.creds.clone();
     // SAFETY: the closure runs in the child between fork and exec and only
@@ -193,8 +221,12 @@ pub fn spawn(spec: &CommandSpec) -> Result<libc::pid_t, SpawnError> {
             Ok(())
         });
     }
-    match cmd.spawn() {
-        Ok(child) => Ok(child.id() as libc::pid_t),
+    // A poisoned lock guards nothing: the guard is only an exclusion.
+    let spawning = SPAWNING.read().unwrap_or_else(|e| e.into_inner());
+    let spawned = cmd.spawn();
+    drop(spawning);
+    match spawned {
+        Ok(child) => Ok(child),
         Err(e) => {
             let name = prog.to_string_lossy();
             Err(match e.raw_os_error() {
@@ -214,6 +246,8 @@ pub fn spawn(spec: &CommandSpec) -> Result<libc::pid_t, SpawnError> {
 /// Reaps every exited child. Records the exit status of `main` if it is
 /// among them. Returns whether children remain (false on ECHILD).
 fn reap(main: libc::pid_t, main_status: &mut Option<u8>) -> bool {
+    // Not while a spawn may still collect a child whose exec failed.
+    let _spawns_done = SPAWNING.write().unwrap_or_else(|e| e.into_inner());
     loop {
         let mut wstatus = 0;
         // SAFETY: wstatus is a valid out pointer.
@@ -223,6 +257,9 @@ fn reap(main: libc::pid_t, main_status: &mut Option<u8>) -> bool {
             p if p > 0 => {
                 if p == main {
                     *main_status = Some(exit_code(wstatus));
+                } else {
+                    // A process of the guest agent (or an orphan).
+                    crate::agent::child_exited(p, wstatus);
                 }
             }
             _ => {
@@ -236,16 +273,18 @@ fn reap(main: libc::pid_t, main_status: &mut Option<u8>) -> bool {
 }
 
 /// Supervises the running command `main` until it exits or a shutdown is
-/// requested, reaping every other child (orphans are re-parented to PID 1)
-/// along the way.
-pub fn supervise(main: libc::pid_t, signals: &Signals, opts: &Options) -> Outcome {
+/// requested, reaping every other child (orphans are re-parented to PID 1,
+/// the guest agent's processes are its children) along the way. Without a
+/// main command (a VM that only serves the agent) only a shutdown ends it.
+pub fn supervise(main: Option<libc::pid_t>, signals: &Signals, opts: &Options) -> Outcome {
     let mut status = None;
     loop {
-        let children_left = reap(main, &mut status);
+        // pid 0 is never a child's: no main status is recorded.
+        let children_left = reap(main.unwrap_or(0), &mut status);
         if let Some(code) = status {
             return Outcome::Exited(code);
         }
-        if !children_left {
+        if let (Some(main), false) = (main, children_left) {
             // Cannot happen unless someone else reaped our child.
             crate::error!("lost track of the command (pid {main})");
             return Outcome::Exited(crate::EXIT_INIT_FAILURE);
@@ -337,6 +376,7 @@ mod tests {
             )],
             creds: None,
             ctty: false,
+            cwd: None,
         }
     }
 
@@ -357,7 +397,7 @@ mod tests {
     fn run(spec: &CommandSpec, signals: &Signals, opts: &Options) -> Outcome {
         match spawn(spec) {
             Ok(pid) => {
-                let outcome = supervise(pid, signals, opts);
+                let outcome = supervise(Some(pid), signals, opts);
                 terminate_rest(Scope::Group(pid), signals, opts);
                 outcome
             }
@@ -365,11 +405,39 @@ mod tests {
         }
     }
 
+    /// A command whose exec fails while the reaper runs (in the guest:
+    /// PID 1's main thread, while an agent session starts a command that
+    /// is not found): std's spawn reaps that child itself and panics if
+    /// it is gone, which would take init and the VM down.
+    #[test]
+    fn failed_execs_racing_the_reaper() {
+        let _serial = crate::TEST_CHILDREN.lock();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reaper = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    reap(0, &mut None);
+                }
+            })
+        };
+        let spawned = std::panic::catch_unwind(|| {
+            for _ in 0..300 {
+                let err = spawn_child(&spec(&["/no/such/vmlab-cmd"]), None).unwrap_err();
+                assert_eq!(err.status, 127);
+            }
+        });
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        reaper.join().unwrap();
+        assert!(spawned.is_ok(), "spawn panicked racing the reaper");
+    }
+
     /// All cases that start processes are in this one test: `waitpid(-1)`
     /// reaps any child of the test process, so two such tests running in
     /// parallel threads would steal each other's children.
     #[test]
     fn runs_commands_like_pid1_would() {
+        let _serial = crate::TEST_CHILDREN.lock();
         // Make orphans (the `sleep` below) our children, as they would be
         // PID 1's in the guest, so their reaping is tested too.
         // SAFETY: prctl with integer arguments only.

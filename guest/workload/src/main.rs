@@ -23,6 +23,7 @@ mod start;
 #[cfg(test)]
 mod testutil;
 mod transfer;
+mod vsock;
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -58,6 +59,12 @@ usage: vmlab-workload SUBCOMMAND [OPTIONS]
   net-recv [--port P] [--bind ADDR] [--timeout S]
                                 receive one net-send connection to its end (port 7431, address
                                 127.0.0.1; ready line on stderr) and print the SHA-256 of the bytes
+  vsock-send [--cid C] [--port P] [--bytes N] [--timeout T]
+                                net-send over AF_VSOCK to CID C (default 2, the host), port P
+                                (default 7431); retries a refused connect for T seconds
+  vsock-recv [--port P] [--timeout S]
+                                net-recv over AF_VSOCK: listen on port P (default 7431) of any
+                                CID, read one connection to its end, print its SHA-256
 
   --help, --version
 
@@ -86,6 +93,8 @@ fn workload(name: &str) -> Option<Workload> {
         "net-client" => (&net::CLIENT_SPEC, net::run_client),
         "net-send" => (&transfer::SEND_SPEC, transfer::run_send),
         "net-recv" => (&transfer::RECV_SPEC, transfer::run_recv),
+        "vsock-send" => (&vsock::SEND_SPEC, vsock::run_send),
+        "vsock-recv" => (&vsock::RECV_SPEC, vsock::run_recv),
         _ => return None,
     })
 }
@@ -179,6 +188,8 @@ mod tests {
             "net-client",
             "net-send",
             "net-recv",
+            "vsock-send",
+            "vsock-recv",
         ] {
             let (spec, _) = workload(name).unwrap();
             assert_eq!(spec.command, name);

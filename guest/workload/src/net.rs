@@ -33,7 +33,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
 use crate::args::{Parsed, Spec};
@@ -297,30 +297,7 @@ pub(crate) fn accept(listener: &TcpListener, deadline: Instant) -> Result<TcpStr
         .set_nonblocking(true)
         .context(|| "set non-blocking mode".into())?;
     loop {
-        let left = remaining(deadline, "waiting for the client")?;
-        let mut pfd = libc::pollfd {
-            fd: listener.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // Rounded up so that a sub-millisecond rest does not spin.
-        let ms =
-            libc::c_int::try_from(left.as_millis().saturating_add(1)).unwrap_or(libc::c_int::MAX);
-        // SAFETY: one pollfd in a live local, and the count says one.
-        let ready = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if ready < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(Error::Io {
-                what: "poll".into(),
-                err,
-            });
-        }
-        if ready == 0 {
-            continue; // the deadline check above ends the loop
-        }
+        wait_readable(listener.as_raw_fd(), deadline, "waiting for the client")?;
         // The listener is non-blocking: a connection that was reset
         // between poll and accept is a retry, not an accept that blocks.
         match listener.accept() {
@@ -341,6 +318,38 @@ pub(crate) fn accept(listener: &TcpListener, deadline: Instant) -> Result<TcpStr
                 })
             }
         }
+    }
+}
+
+/// Waits until `fd` is readable (a listener has a connection), or fails
+/// with a timeout naming `what` at `deadline`.
+pub(crate) fn wait_readable(fd: RawFd, deadline: Instant, what: &str) -> Result<(), Error> {
+    loop {
+        let left = remaining(deadline, what)?;
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // Rounded up so that a sub-millisecond rest does not spin.
+        let ms =
+            libc::c_int::try_from(left.as_millis().saturating_add(1)).unwrap_or(libc::c_int::MAX);
+        // SAFETY: one pollfd in a live local, and the count says one.
+        let ready = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if ready < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(Error::Io {
+                what: "poll".into(),
+                err,
+            });
+        }
+        if ready > 0 {
+            return Ok(());
+        }
+        // Else the deadline check above ends the loop.
     }
 }
 

@@ -61,29 +61,55 @@ pub fn run_send(args: &Parsed) -> Result<String, Error> {
     let timeout = args.seconds_in("--timeout", DEFAULT_SEND_TIMEOUT, 0.001, 3600.0)?;
     let addrs = resolve(host, port)?;
     let t = send(&addrs, bytes, Duration::from_secs_f64(timeout))?;
-    Ok(Object::new()
-        .str("workload", "net-send")
-        .str("host", host)
-        .u64("port", u64::from(port))
-        .u64("bytes", t.bytes)
-        .f64("seconds", t.seconds)
-        .f64("mib_per_s", mib(t.bytes) / t.seconds)
-        .str("sha256", &hex(&t.sha256))
-        .finish())
+    Ok(t.report(
+        Object::new()
+            .str("workload", "net-send")
+            .str("host", host)
+            .u64("port", u64::from(port)),
+    ))
 }
 
 pub fn run_recv(args: &Parsed) -> Result<String, Error> {
     let (listener, local, deadline) = listen(args, "net-recv", DEFAULT_PORT, DEFAULT_RECV_TIMEOUT)?;
     let (peer, t) = receive(&listener, deadline)?;
-    Ok(Object::new()
-        .str("workload", "net-recv")
-        .str("bind", &local.to_string())
-        .str("peer", &peer.to_string())
-        .u64("bytes", t.bytes)
-        .f64("seconds", t.seconds)
-        .f64("mib_per_s", mib(t.bytes) / t.seconds.max(1e-9))
-        .str("sha256", &hex(&t.sha256))
-        .finish())
+    Ok(t.report(
+        Object::new()
+            .str("workload", "net-recv")
+            .str("bind", &local.to_string())
+            .str("peer", &peer.to_string()),
+    ))
+}
+
+impl Transfer {
+    /// `head` (the workload and its addresses) followed by bytes,
+    /// seconds, MiB/s and SHA-256: the JSON line of every transfer.
+    pub(crate) fn report(&self, head: Object) -> String {
+        head.u64("bytes", self.bytes)
+            .f64("seconds", self.seconds)
+            .f64("mib_per_s", mib(self.bytes) / self.seconds.max(1e-9))
+            .str("sha256", &hex(&self.sha256))
+            .finish()
+    }
+}
+
+/// A connected stream the transfer runs over: TCP here, AF_VSOCK in
+/// [`crate::vsock`].
+pub(crate) trait Conn: Read + Write {
+    /// SO_RCVTIMEO / SO_SNDTIMEO.
+    fn set_timeouts(&self, read: Duration, write: Duration) -> io::Result<()>;
+    /// Ends the sending side (the peer reads EOF).
+    fn shutdown_write(&self) -> io::Result<()>;
+}
+
+impl Conn for std::net::TcpStream {
+    fn set_timeouts(&self, read: Duration, write: Duration) -> io::Result<()> {
+        self.set_read_timeout(Some(read))?;
+        self.set_write_timeout(Some(write))
+    }
+
+    fn shutdown_write(&self) -> io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
 }
 
 /// Sends `bytes` bytes of the data stream to the first of `addrs` that
@@ -94,8 +120,18 @@ pub fn send(
     timeout: Duration,
 ) -> Result<Transfer, Error> {
     let mut conn = connect(addrs, Instant::now() + timeout)?;
-    conn.set_write_timeout(Some(timeout))
-        .and_then(|()| conn.set_read_timeout(Some(timeout)))
+    send_over(&mut conn, bytes, timeout)
+}
+
+/// Sends `bytes` bytes of the data stream on `conn`, shuts its sending
+/// side and waits for the receiver to close; `timeout` bounds each write
+/// and the wait.
+pub(crate) fn send_over(
+    conn: &mut impl Conn,
+    bytes: u64,
+    timeout: Duration,
+) -> Result<Transfer, Error> {
+    conn.set_timeouts(timeout, timeout)
         .context(|| "set timeouts".into())?;
     let mut rng = XorShift64::new(DATA_SEED);
     let mut sha = Sha256::new();
@@ -110,8 +146,7 @@ pub fn send(
         conn.write_all(piece).map_err(|e| net_error("sending", e))?;
         sent += n as u64;
     }
-    conn.shutdown(Shutdown::Write)
-        .context(|| "shutdown".into())?;
+    conn.shutdown_write().context(|| "shutdown".into())?;
     // The receiver closes once it has read everything: wait for that.
     let mut rest = [0u8; 64];
     loop {
@@ -136,14 +171,20 @@ pub fn send(
 /// Accepts one connection on `listener` and reads it to the end, all
 /// before `deadline`.
 pub fn receive(listener: &TcpListener, deadline: Instant) -> Result<(IpAddr, Transfer), Error> {
-    let mut conn = accept(listener, deadline)?;
+    let conn = accept(listener, deadline)?;
     let peer = conn.peer_addr().context(|| "peer address".into())?.ip();
+    Ok((peer, receive_over(conn, deadline)?))
+}
+
+/// Reads `conn` to its end before `deadline`, then closes it.
+pub(crate) fn receive_over(mut conn: impl Conn, deadline: Instant) -> Result<Transfer, Error> {
     let mut sha = Sha256::new();
     let mut buf = vec![0u8; CHUNK];
     let mut received = 0u64;
     let mut first_byte: Option<Instant> = None;
     loop {
-        conn.set_read_timeout(Some(remaining(deadline, "receiving")?))
+        let left = remaining(deadline, "receiving")?;
+        conn.set_timeouts(left, left)
             .context(|| "set read timeout".into())?;
         let n = match conn.read(&mut buf) {
             Ok(n) => n,
@@ -159,14 +200,11 @@ pub fn receive(listener: &TcpListener, deadline: Instant) -> Result<(IpAddr, Tra
     }
     let seconds = first_byte.map_or(0.0, |t| t.elapsed().as_secs_f64());
     drop(conn);
-    Ok((
-        peer,
-        Transfer {
-            bytes: received,
-            seconds,
-            sha256: sha.finalize(),
-        },
-    ))
+    Ok(Transfer {
+        bytes: received,
+        seconds,
+        sha256: sha.finalize(),
+    })
 }
 
 #[cfg(test)]

@@ -1,84 +1,124 @@
 //! Virtio devices on the virtio-mmio transport.
 //!
-//! Three pieces, each in its own file:
+//! The pieces, each in its own file:
 //!
-//! - [`VirtioDevice`] (here): what a device model (block, later net or
-//!   vsock) provides to a transport: its type, feature bits, configuration
-//!   space, and what to do when the driver starts or resets it. Block
-//!   ([`block`]) and net ([`net`], on a host TAP: [`crate::devices::tap`])
-//!   implement it.
+//! - [`VirtioDevice`] (here): what a device model (block, net, next vsock
+//!   and virtio-fs) provides to a transport: its type, feature bits,
+//!   configuration space, and what to do when the driver starts or resets
+//!   it. Block ([`block`]) and net ([`net`], on a host TAP:
+//!   [`crate::devices::tap`]) implement it.
 //! - [`mmio::MmioTransport`]: the virtio-mmio register window (version 2,
 //!   "modern", only). It runs on vCPU threads, answers register accesses,
 //!   negotiates features and, when the driver sets DRIVER_OK, hands the
 //!   configured queues to the device.
-//! - [`event_loop::EventLoop`]: the "virtio" thread. A device registers its
-//!   queue-notification eventfds there when it is activated; KVM signals
-//!   them (ioeventfd) when the guest writes QueueNotify, so a vCPU never
-//!   performs device I/O itself.
+//! - [`thread::DeviceThread`]: each device's own thread, with its own
+//!   epoll over the device's queue eventfds (KVM signals them on
+//!   QueueNotify: ioeventfd), backend fds, and kill/pause eventfds. A vCPU
+//!   never performs device I/O, and no device waits for another.
+//! - [`queue`]: the queue plumbing every device uses: popping chains with
+//!   their checks, returning them, EVENT_IDX-aware notification, per-queue
+//!   budgets, corrupt-ring handling, rate-limited problem logging.
 //!
 //! Interrupts go the other way through [`Interrupt`]: the device sets a bit
 //! of the transport's InterruptStatus and signals a KVM irqfd.
 //!
 //! Locking: the bus holds the transport's mutex while a vCPU accesses it;
-//! the transport may then lock a device's worker (to stop it on reset) and
-//! the event loop's handler table. The event loop never holds its table
-//! lock while it runs a handler, and workers never lock the transport
-//! (the [`Interrupt`] is lock-free), so there is no lock cycle.
+//! the transport talks to the device's thread only through a channel and
+//! atomics (activation, reset), and device threads never lock the
+//! transport (the [`Interrupt`] is lock-free), so no vCPU waits for device
+//! work and there is no lock cycle.
 //!
-//! [`create_block_device`] and [`create_net_device`] are the integration
-//! points the VM builder calls.
+//! [`crate::device_manager::DeviceManager`] attaches devices to a VM.
+
+/// Defines a device's counters once: `$counters`, the atomics its worker
+/// bumps (shared with the handle the VMM keeps), and `$stats`, a plain
+/// snapshot of them with [`$counters::snapshot`].
+macro_rules! device_counters {
+    (
+        $(#[$smeta:meta])*
+        pub struct $stats:ident / $counters:ident {
+            $( $(#[$fmeta:meta])* $field:ident, )*
+        }
+    ) => {
+        /// The counters, shared by the device's worker and its handle.
+        #[derive(Debug, Default)]
+        pub(crate) struct $counters {
+            $( pub(crate) $field: std::sync::atomic::AtomicU64, )*
+        }
+
+        $(#[$smeta])*
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        pub struct $stats {
+            $( $(#[$fmeta])* pub $field: u64, )*
+        }
+
+        impl $counters {
+            /// The counters now.
+            pub(crate) fn snapshot(&self) -> $stats {
+                $stats {
+                    $( $field: self.$field.load(std::sync::atomic::Ordering::Relaxed), )*
+                }
+            }
+        }
+    };
+}
 
 pub mod block;
-pub mod event_loop;
+pub mod device;
 pub mod mmio;
 pub mod net;
+pub mod queue;
+pub mod thread;
+pub mod vsock;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+};
+use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use block::{Block, BlockConfig, BlockError, BlockHandle, BlockStats};
-pub use event_loop::{EventHandler, EventLoop, EventLoopHandle, EventLoopThread};
-pub use mmio::{kernel_cmdline_device, MmioTransport, QUEUE_NOTIFY_OFFSET};
+pub use mmio::{kernel_cmdline_device, MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
 pub use net::{MacAddr, Net, NetConfig, NetHandle, NetStats};
-
+pub use thread::DeviceThread;
 /// Feature bit: the device follows virtio 1.0 or later ("modern"). The
 /// only kind of device the version-2 MMIO transport may present.
-pub const VIRTIO_F_VERSION_1: u32 = 32;
+pub use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+/// Virtio device IDs.
+pub use virtio_bindings::virtio_ids::{VIRTIO_ID_BLOCK, VIRTIO_ID_NET, VIRTIO_ID_VSOCK};
 /// Feature bit: the used_event / avail_event fields suppress notifications
 /// and interrupts (virtio 1.x 2.7.10).
-pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
-
-/// Virtio device ID of a network device.
-pub const VIRTIO_ID_NET: u32 = 1;
-/// Virtio device ID of a block device.
-pub const VIRTIO_ID_BLOCK: u32 = 2;
+pub use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 /// Device status bits (virtio 1.x 2.1), as in the Status register.
 pub mod status {
+    use super::*;
     /// The guest found the device.
-    pub const ACKNOWLEDGE: u32 = 0x01;
+    pub const ACKNOWLEDGE: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE;
     /// The guest has a driver for it.
-    pub const DRIVER: u32 = 0x02;
+    pub const DRIVER: u32 = VIRTIO_CONFIG_S_DRIVER;
     /// The driver is ready: the device may use its queues.
-    pub const DRIVER_OK: u32 = 0x04;
+    pub const DRIVER_OK: u32 = VIRTIO_CONFIG_S_DRIVER_OK;
     /// Feature negotiation is complete (set by the driver, kept only if
     /// the device accepts the features).
-    pub const FEATURES_OK: u32 = 0x08;
+    pub const FEATURES_OK: u32 = VIRTIO_CONFIG_S_FEATURES_OK;
     /// The device hit an error it cannot recover from without a reset.
-    pub const DEVICE_NEEDS_RESET: u32 = 0x40;
+    pub const DEVICE_NEEDS_RESET: u32 = VIRTIO_CONFIG_S_NEEDS_RESET;
     /// The driver gave up on the device.
-    pub const FAILED: u32 = 0x80;
+    pub const FAILED: u32 = VIRTIO_CONFIG_S_FAILED;
 }
 
 /// InterruptStatus bit: a queue has new used buffers.
-pub const INTERRUPT_USED_BUFFER: u32 = 0x1;
+pub const INTERRUPT_USED_BUFFER: u32 = VIRTIO_MMIO_INT_VRING;
 /// InterruptStatus bit: the configuration space (or the device status)
 /// changed.
-pub const INTERRUPT_CONFIG_CHANGE: u32 = 0x2;
+pub const INTERRUPT_CONFIG_CHANGE: u32 = VIRTIO_MMIO_INT_CONFIG;
 
 /// A feature bit number as a mask.
 pub const fn feature(bit: u32) -> u64 {
@@ -90,7 +130,7 @@ pub const fn feature(bit: u32) -> u64 {
 /// the irqfd that makes KVM raise the device's interrupt line.
 ///
 /// Shared (`Arc`) between the transport on vCPU threads and the device's
-/// worker on the event loop; everything is atomic so neither side ever
+/// worker on its own thread; everything is atomic so neither side ever
 /// waits for the other to raise an interrupt.
 #[derive(Debug)]
 pub struct Interrupt {
@@ -160,7 +200,7 @@ impl Interrupt {
     }
 
     /// Forgets pending bits (device reset).
-    fn reset(&self) {
+    pub(crate) fn reset(&self) {
         self.status.store(0, Ordering::Release);
         self.needs_reset.store(false, Ordering::Release);
     }
@@ -210,16 +250,17 @@ pub enum ActivateError {
         /// Queue index.
         index: usize,
     },
-    /// Registering with the event loop failed.
-    #[error("cannot register with the event loop: {0}")]
-    EventLoop(#[from] event_loop::Error),
+    /// The device's thread is gone.
+    #[error(transparent)]
+    Thread(#[from] thread::Error),
 }
 
 /// What a device model provides to a virtio transport.
 ///
 /// All calls come from the transport, under its lock, on a vCPU thread:
-/// they must be quick. Request processing belongs on the event loop,
-/// which `activate` sets up.
+/// they must be quick and never wait for device work. Request processing
+/// belongs on the device's thread ([`thread::DeviceThread`]), to which
+/// `activate` hands the queues.
 pub trait VirtioDevice: Send {
     /// Virtio device ID (e.g. [`VIRTIO_ID_BLOCK`]).
     fn device_type(&self) -> u32;
@@ -258,43 +299,31 @@ pub trait VirtioDevice: Send {
         interrupt: Arc<Interrupt>,
     ) -> Result<(), ActivateError>;
 
-    /// Stops the device and forgets its queues (the driver wrote 0 to
-    /// Status). When this returns, the device no longer touches guest
-    /// memory: the driver may free the rings.
+    /// Starts a reset (the driver wrote 0 to Status): the device's thread
+    /// finishes or abandons the request it serves and forgets the queues.
+    /// Returns at once, without waiting for that.
     fn reset(&mut self);
+
+    /// Whether the last reset is complete: the device no longer touches
+    /// guest memory, and the driver, which reads Status until it is 0,
+    /// may reuse the rings. Until then the transport reads Status as
+    /// non-zero.
+    fn reset_complete(&self) -> bool {
+        true
+    }
 }
 
-/// A virtio-mmio device ready to be attached to a VM. See
-/// [`create_block_device`] for how the VM builder wires it.
-pub struct MmioDeviceSetup {
-    /// The transport, to insert on the MMIO bus with a
-    /// [`mmio::MMIO_WINDOW_SIZE`] window.
-    pub transport: Arc<std::sync::Mutex<MmioTransport>>,
-    /// One eventfd per queue with the queue index: register each with
-    /// KVM as an ioeventfd at `base + QUEUE_NOTIFY_OFFSET` with the index
-    /// as a `u32` datamatch (4-byte writes of that value).
-    pub notify_fds: Vec<(EventFd, u32)>,
-    /// The device's interrupt eventfd: register it with KVM as an irqfd
-    /// for the device's GSI.
-    pub irq_fd: EventFd,
-}
-
-/// A virtio-blk device on virtio-mmio, and the handle the VMM keeps to
-/// flush its image at shutdown.
-pub struct BlockDeviceSetup {
-    /// The transport and its file descriptors.
-    pub device: MmioDeviceSetup,
-    /// Flush and statistics.
-    pub disk: BlockHandle,
-}
-
-/// A virtio-net device on virtio-mmio, and the handle the VMM keeps for
-/// its statistics.
-pub struct NetDeviceSetup {
-    /// The transport and its file descriptors.
-    pub device: MmioDeviceSetup,
-    /// Name, MAC and counters.
-    pub net: NetHandle,
+/// Serves a configuration-space read from `config`: bytes past its end
+/// (or an offset beyond it) read as zero.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if let Some(src) = config.get(start..) {
+        let n = src.len().min(data.len());
+        data[..n].copy_from_slice(&src[..n]);
+    }
 }
 
 /// Errors creating a device.
@@ -306,6 +335,12 @@ pub enum Error {
     /// The TAP device could not be used.
     #[error(transparent)]
     Tap(#[from] crate::devices::tap::TapError),
+    /// The vsock socket could not be set up.
+    #[error(transparent)]
+    Vsock(#[from] vsock::SocketError),
+    /// The device's thread could not be started.
+    #[error(transparent)]
+    Thread(#[from] thread::Error),
     /// An eventfd could not be created or duplicated.
     #[error("virtio device {what}: {source}")]
     EventFd {
@@ -316,101 +351,45 @@ pub enum Error {
     },
 }
 
-/// Opens the disk image of `config` and puts a virtio-blk device on a
-/// virtio-mmio transport: the device serves requests on `event_loop` and
-/// raises its interrupt through `irq` (returned as `irq_fd`, a duplicate,
-/// for KVM registration).
-///
-/// The VM builder then, for a device at `base` with interrupt `gsi`:
-///
-/// 1. `vm_fd.register_irqfd(&setup.device.irq_fd, gsi)`;
-/// 2. for each `(fd, index)` in `setup.device.notify_fds`:
-///    `vm_fd.register_ioevent(&fd, &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET), index)`
-///    (`index` is a `u32`, so KVM matches 4-byte writes of that value);
-/// 3. `mmio_bus.insert(base, mmio::MMIO_WINDOW_SIZE, setup.device.transport.clone())`;
-/// 4. adds [`kernel_cmdline_device`]`(base, MMIO_WINDOW_SIZE, gsi)` to the
-///    kernel command line;
-/// 5. starts the event loop thread ([`EventLoop::start`]) before the vCPUs,
-///    and at shutdown stops it after the vCPUs, then calls
-///    `setup.disk.flush()`.
-pub fn create_block_device(
-    config: &BlockConfig,
-    mem: GuestMemoryMmap,
-    event_loop: &EventLoopHandle,
-    irq: EventFd,
-) -> Result<BlockDeviceSetup, Error> {
-    let block = Block::open(config, event_loop.clone())?;
-    let disk = block.handle();
-    let device = mmio_setup(Box::new(block), mem, irq)?;
-    Ok(BlockDeviceSetup { device, disk })
-}
-
-/// Opens the TAP of `config` and puts a virtio-net device on a
-/// virtio-mmio transport, wired like [`create_block_device`]. `index` is
-/// the device's position among the VM's network devices (it varies the
-/// default MAC).
-pub fn create_net_device(
-    config: &NetConfig,
-    index: usize,
-    mem: GuestMemoryMmap,
-    event_loop: &EventLoopHandle,
-    irq: EventFd,
-) -> Result<NetDeviceSetup, Error> {
-    let net = Net::open(config, index, event_loop.clone())?;
-    let handle = net.handle();
-    let device = mmio_setup(Box::new(net), mem, irq)?;
-    Ok(NetDeviceSetup {
-        device,
-        net: handle,
-    })
-}
-
-/// The transport for `device` and the fds the VM builder registers with
-/// KVM.
-fn mmio_setup(
-    device: Box<dyn VirtioDevice>,
-    mem: GuestMemoryMmap,
-    irq: EventFd,
-) -> Result<MmioDeviceSetup, Error> {
-    let irq_fd = irq.try_clone().map_err(|source| Error::EventFd {
-        what: "irq eventfd",
-        source,
-    })?;
-    let transport = MmioTransport::new(device, mem, irq).map_err(|source| Error::EventFd {
-        what: "queue eventfd",
-        source,
-    })?;
-    let notify_fds = transport.notify_fds().map_err(|source| Error::EventFd {
-        what: "queue eventfd",
-        source,
-    })?;
-    Ok(MmioDeviceSetup {
-        transport: Arc::new(std::sync::Mutex::new(transport)),
-        notify_fds,
-        irq_fd,
-    })
-}
-
 #[cfg(test)]
 pub(crate) mod test_utils {
     //! Helpers shared by the virtio tests.
 
+    use std::io;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
     use std::path::{Path, PathBuf};
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use crate::devices::tap::{Offloads, TapError};
+    use crate::devices::virtio::net::{NetBackend, MAX_BUFFER_LEN};
 
     use virtio_queue::desc::split::Descriptor;
-    use virtio_queue::desc::RawDescriptor;
-    use virtio_queue::mock::MockSplitQueue;
-    use virtio_queue::Queue;
-    use vm_memory::{GuestAddress, GuestMemoryMmap};
+    use virtio_queue::{Queue, QueueT};
+    use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
     /// VIRTQ_DESC_F_NEXT.
     const NEXT: u16 = 1;
 
-    /// The driver side of one queue: a mock split queue plus helpers to
-    /// submit descriptor chains and read the used ring.
+    /// The driver side of one split virtqueue of `size` entries at
+    /// `addr`: the descriptor table, the available ring and the used ring
+    /// laid out back to back as virtio 1.x 2.7 sizes them (16, 6 + 2 *
+    /// size and 6 + 8 * size bytes), plus helpers to submit descriptor
+    /// chains and read the used ring.
+    ///
+    /// This is vmlab's own rather than virtio-queue's `MockSplitQueue`:
+    /// that one (0.18) places the used ring `size` bytes after the start
+    /// of the available ring instead of `2 * size + 2`, so the two rings
+    /// overlap. Available entries `size / 2` and `size / 2 + 1` land on
+    /// the used ring's flags and index, later ones on used entries, and
+    /// `used_event` on a used entry: a test that posts more than half a
+    /// ring ahead reads garbage back, and event-idx is exercised against
+    /// values the device itself overwrote.
     pub struct MockDriver<'a> {
-        pub vq: MockSplitQueue<'a, GuestMemoryMmap>,
+        mem: &'a GuestMemoryMmap,
+        desc_table: GuestAddress,
+        avail_ring: GuestAddress,
+        used_ring: GuestAddress,
         pub size: u16,
         pub next_desc: u16,
         pub avail: u16,
@@ -418,37 +397,85 @@ pub(crate) mod test_utils {
 
     impl<'a> MockDriver<'a> {
         pub fn new(mem: &'a GuestMemoryMmap, addr: u64, size: u16) -> Self {
-            MockDriver {
-                vq: MockSplitQueue::create(mem, GuestAddress(addr), size),
+            assert!(size.is_power_of_two(), "queue size {size}");
+            let n = u64::from(size);
+            let desc_table = GuestAddress(addr);
+            // Alignments: descriptor table 16, available ring 2, used 4.
+            let avail_ring = GuestAddress(addr + 16 * n);
+            let used_ring = GuestAddress((avail_ring.0 + 6 + 2 * n + 3) & !3);
+            let d = MockDriver {
+                mem,
+                desc_table,
+                avail_ring,
+                used_ring,
                 size,
                 next_desc: 0,
                 avail: 0,
-            }
+            };
+            // Both rings start zeroed: flags, index, entries, event.
+            let zeros = vec![0u8; (used_ring.0 + 6 + 8 * n - addr) as usize];
+            mem.write_slice(&zeros, desc_table).unwrap();
+            d
         }
 
+        /// The device's view: a ready queue on these rings.
         pub fn queue(&self) -> Queue {
-            self.vq.create_queue().unwrap()
+            let mut q = Queue::new(self.size).unwrap();
+            q.set_size(self.size);
+            q.set_desc_table_address(
+                Some(self.desc_table.0 as u32),
+                Some((self.desc_table.0 >> 32) as u32),
+            );
+            q.set_avail_ring_address(
+                Some(self.avail_ring.0 as u32),
+                Some((self.avail_ring.0 >> 32) as u32),
+            );
+            q.set_used_ring_address(
+                Some(self.used_ring.0 as u32),
+                Some((self.used_ring.0 >> 32) as u32),
+            );
+            q.set_ready(true);
+            assert!(q.is_valid(self.mem), "the mock rings are a valid queue");
+            q
+        }
+
+        /// Guest addresses of the descriptor table and the two rings.
+        pub fn desc_table_addr(&self) -> u64 {
+            self.desc_table.0
+        }
+
+        pub fn avail_addr(&self) -> u64 {
+            self.avail_ring.0
+        }
+
+        pub fn used_addr(&self) -> u64 {
+            self.used_ring.0
+        }
+
+        /// Writes the available index (a driver may write anything).
+        pub fn set_avail_idx(&self, idx: u16) {
+            self.mem
+                .write_obj(idx, self.avail_ring.unchecked_add(2))
+                .unwrap();
         }
 
         pub fn store(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
-            self.vq
-                .desc_table()
-                .store(
-                    index,
-                    RawDescriptor::from(Descriptor::new(addr, len, flags, next)),
+            assert!(index < self.size);
+            self.mem
+                .write_obj(
+                    Descriptor::new(addr, len, flags, next),
+                    self.desc_table.unchecked_add(16 * u64::from(index)),
                 )
                 .unwrap();
         }
 
         pub fn publish(&mut self, head: u16) {
-            self.vq
-                .avail()
-                .ring()
-                .ref_at(usize::from(self.avail % self.size))
-                .unwrap()
-                .store(head);
+            let slot = u64::from(self.avail % self.size);
+            self.mem
+                .write_obj(head, self.avail_ring.unchecked_add(4 + 2 * slot))
+                .unwrap();
             self.avail = self.avail.wrapping_add(1);
-            self.vq.avail().idx().store(self.avail);
+            self.set_avail_idx(self.avail);
         }
 
         /// Submits a chain of (addr, len, flags) linked in order; NEXT is
@@ -466,22 +493,42 @@ pub(crate) mod test_utils {
             head
         }
 
+        /// A garbage descriptor `index` for fuzz tests: an address from
+        /// `addrs`, a length from `lens`, any flags, a next index that may
+        /// loop or point past the table.
+        pub fn noise(rng: &mut XorShift, index: u16, addrs: &[u64], lens: &[u32]) -> RandomDesc {
+            (
+                rng.pick(addrs),
+                rng.pick(lens),
+                rng.below(8) as u16,
+                rng.pick(&[0, 1, index + 1, 15, 16, u16::MAX]),
+            )
+        }
+
+        /// Publishes up to three heads, some of them past the table.
+        pub fn publish_noise(&mut self, rng: &mut XorShift) {
+            for _ in 0..rng.below(4) {
+                self.publish(rng.pick(&[0, 0, 3, 3, 1, 5, 15, 16, u16::MAX]));
+            }
+        }
+
         pub fn used_idx(&self) -> u16 {
-            self.vq.used().idx().load()
+            self.mem.read_obj(self.used_ring.unchecked_add(2)).unwrap()
         }
 
         /// (id, len) of used entry `i`.
         pub fn used(&self, i: u16) -> (u32, u32) {
-            let e = self
-                .vq
-                .used()
-                .ring()
-                .ref_at(usize::from(i % self.size))
-                .unwrap()
-                .load();
-            (e.id(), e.len())
+            let slot = u64::from(i % self.size);
+            let e = self.used_ring.unchecked_add(4 + 8 * slot);
+            (
+                self.mem.read_obj(e).unwrap(),
+                self.mem.read_obj(e.unchecked_add(4)).unwrap(),
+            )
         }
     }
+
+    /// A descriptor as (address, length, flags, next).
+    pub type RandomDesc = (u64, u32, u16, u16);
 
     /// A file in the temporary directory, removed on drop.
     pub struct TempFile {
@@ -514,6 +561,125 @@ pub(crate) mod test_utils {
         fn drop(&mut self) {
             let _ = std::fs::remove_file(&self.path);
         }
+    }
+
+    /// One end of a SOCK_SEQPACKET socket pair: keeps frame boundaries
+    /// like a TAP, needs no privileges.
+    pub struct PairBackend {
+        fd: OwnedFd,
+        pub offloads: Mutex<Vec<Offloads>>,
+    }
+
+    impl NetBackend for PairBackend {
+        fn read_frame(&self, buf: &mut [u8]) -> io::Result<usize> {
+            crate::devices::tap::read_fd(self.fd.as_raw_fd(), buf)
+        }
+        fn write_frame(&self, buf: &[u8]) -> io::Result<usize> {
+            crate::devices::tap::write_fd(self.fd.as_raw_fd(), buf)
+        }
+        fn set_offloads(&self, offloads: Offloads) -> Result<(), TapError> {
+            self.offloads.lock().unwrap().push(offloads);
+            Ok(())
+        }
+        fn raw_fd(&self) -> RawFd {
+            self.fd.as_raw_fd()
+        }
+        fn name(&self) -> &str {
+            "test-pair"
+        }
+    }
+
+    /// The host side of the pair.
+    pub struct Peer {
+        fd: OwnedFd,
+    }
+
+    impl Peer {
+        pub fn send(&self, frame: &[u8]) -> io::Result<usize> {
+            crate::devices::tap::write_fd(self.fd.as_raw_fd(), frame)
+        }
+        pub fn recv(&self) -> Option<Vec<u8>> {
+            let mut buf = vec![0u8; MAX_BUFFER_LEN + 16];
+            match crate::devices::tap::read_fd(self.fd.as_raw_fd(), &mut buf) {
+                Ok(n) => {
+                    buf.truncate(n);
+                    Some(buf)
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
+    pub fn socket_pair() -> (Arc<PairBackend>, Peer) {
+        let mut fds = [0; 2];
+        // SAFETY: socketpair writes two fds into the live array.
+        let rc = unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+                fds.as_mut_ptr(),
+            )
+        };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        // SAFETY: both fds are new and owned by nobody else.
+        let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        for fd in [&a, &b] {
+            // Room for a few 64 KiB frames, as in a TAP's queue.
+            let size: libc::c_int = 1 << 20;
+            // SAFETY: setsockopt reads one int from a live local.
+            unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_SNDBUF,
+                    (&size as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                );
+            }
+        }
+        (
+            Arc::new(PairBackend {
+                fd: a,
+                offloads: Mutex::new(Vec::new()),
+            }),
+            Peer { fd: b },
+        )
+    }
+
+    /// Polls `f` until it returns something; fails the test after 10 s
+    /// (a device thread that never gets there).
+    pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if let Some(v) = f() {
+                return v;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    /// Polls `cond` until it holds (at most 10 s).
+    pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+        wait_for(what, || cond().then_some(()))
+    }
+
+    /// A frame with a zero virtio-net header: `len` bytes after it, byte
+    /// i = seed + i.
+    pub fn frame(len: usize, seed: u8) -> Vec<u8> {
+        let mut f = vec![0u8; crate::devices::tap::VNET_HDR_LEN + len];
+        for (i, b) in f[crate::devices::tap::VNET_HDR_LEN..]
+            .iter_mut()
+            .enumerate()
+        {
+            *b = seed.wrapping_add(i as u8);
+        }
+        f
     }
 
     /// A small deterministic PRNG for fuzz-style tests.

@@ -1,11 +1,15 @@
-//! The signals vmlab handles while a container runs, taken through a
-//! signalfd: SIGCHLD (the runtime exited) and the ones that ask vmlab to
-//! stop (SIGINT, SIGTERM, SIGHUP, SIGQUIT), which are passed on to the
-//! container.
+//! Host signals, taken through a signalfd so that vmlab handles them as
+//! events of its own loops (the VM's control loop, `vmlab container`'s
+//! wait for the runtime): the ones that ask vmlab to stop (SIGINT,
+//! SIGTERM, SIGHUP, SIGQUIT) and, for a container, SIGCHLD (the runtime
+//! exited). A VM flushes its disks before it exits on one; a container
+//! gets them passed on.
 //!
 //! They are blocked while the guard lives and the previous mask restored
-//! when it is dropped. Children do not inherit the block: Rust's `Command`
-//! resets the signal mask before `exec`.
+//! when it is dropped. Blocked before any other thread starts, they stay
+//! blocked in every thread spawned afterwards (vCPUs, devices), so only
+//! the signalfd sees them. Children do not inherit the block: Rust's
+//! `Command` resets the signal mask before `exec`.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
@@ -31,8 +35,19 @@ pub struct Signals {
 
 impl Signals {
     /// Blocks SIGCHLD and [`STOP_SIGNALS`] on this thread and opens a
-    /// signalfd for them.
+    /// signalfd for them (`vmlab container`).
     pub fn new() -> std::io::Result<Signals> {
+        Signals::block(&[libc::SIGCHLD])
+    }
+
+    /// Blocks [`STOP_SIGNALS`] only (a VM: its children are not watched).
+    pub fn stop_signals() -> std::io::Result<Signals> {
+        Signals::block(&[])
+    }
+
+    /// Blocks [`STOP_SIGNALS`] and `extra` on this thread and opens a
+    /// signalfd for them.
+    fn block(extra: &[i32]) -> std::io::Result<Signals> {
         // SAFETY: sigset_t is plain data, initialized by sigemptyset.
         let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
         // SAFETY: as above; filled by pthread_sigmask.
@@ -40,8 +55,7 @@ impl Signals {
         // SAFETY: `set` is a valid sigset_t and the signal numbers are valid.
         unsafe {
             libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, libc::SIGCHLD);
-            for sig in STOP_SIGNALS {
+            for &sig in STOP_SIGNALS.iter().chain(extra) {
                 libc::sigaddset(&mut set, sig);
             }
         }
@@ -93,7 +107,8 @@ impl Signals {
         Ok(out)
     }
 
-    fn read(&self) -> Option<Received> {
+    /// The next pending signal, without waiting.
+    pub fn read(&self) -> Option<Received> {
         // SAFETY: signalfd_siginfo is plain data.
         let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
         let size = std::mem::size_of::<libc::signalfd_siginfo>();
@@ -109,6 +124,13 @@ impl Signals {
             signo: info.ssi_signo as i32,
             from_kernel: info.ssi_code == libc::SI_KERNEL,
         })
+    }
+}
+
+impl AsRawFd for Signals {
+    /// The signalfd, to poll in an event loop.
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
     }
 }
 

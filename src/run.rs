@@ -1,0 +1,551 @@
+//! `vmlab run`: boot a guest kernel (or a container image) in a micro-VM,
+//! run one command in it, and end with the command's status, as the
+//! library entry point the binary calls (like [`crate::container::run`]
+//! and [`crate::compare::run`]).
+//!
+//! [`vm_config`] turns the command line into a [`VmConfig`] (an `--image`
+//! becomes the root disk and the init's process); [`run`] builds the VM,
+//! puts the terminal in raw mode while the guest owns it, runs the guest
+//! and prints the reports asked for (`--boot-time`, `--stats`,
+//! `--profile-guest`) on stderr.
+
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use crate::cli::{RunArgs, VsockArg};
+use crate::cmdline::InitParams;
+use crate::devices::console::ConsoleSink;
+use crate::devices::virtio::BlockConfig;
+use crate::host::HostKind;
+use crate::image::VmImage;
+use crate::named::{Owner, Paths};
+use crate::raw::{CpuMode, RawImage};
+use crate::terminal::RawMode;
+use crate::trace::Tracer;
+use crate::vm::{Payload, RunReport, Vm, VmConfig};
+use crate::vsock::VsockConfig;
+
+/// Exit status for vmlab's own failures (bad input, KVM errors), as
+/// `docker run` uses 125.
+pub const EXIT_VMLAB_ERROR: u8 = 125;
+
+/// Why `vmlab run` failed before or while running the guest.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Building or running the VM.
+    #[error(transparent)]
+    Vm(#[from] crate::vm::Error),
+    /// Preparing `--image`.
+    #[error(transparent)]
+    Image(#[from] crate::image::Error),
+    /// Creating the `--trace-exits` file.
+    #[error("--trace-exits {path}: {source}")]
+    Trace {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A command-line problem clap cannot see (e.g. `--vsock` without a
+    /// socket).
+    #[error("{0}")]
+    Usage(String),
+    /// A named VM's state directory or its guest agent.
+    #[error(transparent)]
+    Instance(#[from] crate::instances::Error),
+}
+
+impl Error {
+    /// vmlab's exit status for this error: 2 for usage errors (as clap's),
+    /// else [`EXIT_VMLAB_ERROR`].
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Usage(_) => 2,
+            _ => EXIT_VMLAB_ERROR,
+        }
+    }
+}
+
+/// What vmlab's own standard streams are.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Streams {
+    /// stdin is a terminal.
+    pub stdin_tty: bool,
+    /// stdout is a terminal.
+    pub stdout_tty: bool,
+}
+
+impl Streams {
+    /// vmlab's actual stdin and stdout.
+    pub fn detect() -> Streams {
+        use std::io::IsTerminal;
+        Streams {
+            stdin_tty: std::io::stdin().is_terminal(),
+            stdout_tty: std::io::stdout().is_terminal(),
+        }
+    }
+}
+
+/// The guest CID of a named VM without `--vsock cid=N` (the first one a
+/// guest may have: 0-2 are reserved).
+pub const DEFAULT_CID: u64 = 3;
+
+/// The guest profiler's sampling period (`--profile-guest`).
+const PROFILE_PERIOD: Duration = Duration::from_millis(10);
+
+/// The VM that `args` describe. `args` is consumed: its disks and
+/// command move into the configuration. With `image`, the image's disk
+/// comes first (/dev/vda) and the init runs the image's process. Fails
+/// (a usage error) when `--vsock` names no socket. `named`: the state
+/// directory of a named VM, which always gets a vsock device with its
+/// socket there (where exec, kill and stop look for it).
+pub fn vm_config(
+    args: RunArgs,
+    host: HostKind,
+    image: Option<&VmImage>,
+    streams: Streams,
+    named: Option<&Paths>,
+) -> Result<VmConfig, Error> {
+    let payload = match (args.raw, args.kernel) {
+        (Some(path), _) => Payload::Raw(RawImage {
+            path,
+            mode: args.mode.unwrap_or(CpuMode::Real),
+            entry: args.entry,
+        }),
+        (None, Some(kernel)) => Payload::Linux {
+            kernel,
+            initrd: args.initrd,
+        },
+        // clap requires --kernel unless --raw is given.
+        (None, None) => {
+            return Err(Error::Vm(crate::vm::Error::Config(
+                "--kernel or --raw is required".into(),
+            )))
+        }
+    };
+    let vsock = match (args.vsock, named) {
+        (Some(v), Some(_)) if v.socket.is_some() => {
+            return Err(Error::Usage(
+                "--vsock socket=PATH cannot be used with --name or --detach: a named VM's \
+                 socket is in its state directory"
+                    .into(),
+            ))
+        }
+        (Some(v), Some(paths)) => Some(VsockConfig {
+            cid: v.cid,
+            socket: paths.vsock(),
+        }),
+        (v, None) => v
+            .map(VsockArg::into_config)
+            .transpose()
+            .map_err(Error::Usage)?,
+        (None, Some(paths)) => Some(VsockConfig {
+            cid: DEFAULT_CID,
+            socket: paths.vsock(),
+        }),
+    };
+    let mut init = InitParams {
+        command: (!args.command.is_empty()).then_some(args.command),
+        // The guest's console is a terminal only when a person types at it.
+        tty: streams.stdin_tty && streams.stdout_tty && !args.detach,
+        // The guest agent whenever there is a vsock device to reach it by.
+        agent: vsock.is_some(),
+        ..Default::default()
+    };
+    let mut disks = args.disk;
+    let mut cmdline = args.cmdline;
+    if let Some(image) = image {
+        boot_image(image, &mut init, &mut disks, &mut cmdline);
+    }
+    Ok(VmConfig {
+        payload,
+        cmdline,
+        mem_size: args.memory,
+        cpus: args.cpus,
+        init,
+        host,
+        // A detached VMM's stdin is /dev/null.
+        forward_stdin: !args.detach,
+        disks,
+        nets: args.net,
+        vsock,
+        profile_period: args.profile_guest.as_ref().map(|_| PROFILE_PERIOD),
+        trace: None,
+    })
+}
+
+/// `--image`: the per-run copy of the image's disk becomes /dev/vda (the
+/// root: without an initrd the VM builder adds `root=/dev/vda rw`), the kernel
+/// starts vmlab's init injected into it, and the init runs the image's
+/// process with its environment, working directory and user.
+fn boot_image(
+    image: &VmImage,
+    init: &mut InitParams,
+    disks: &mut Vec<BlockConfig>,
+    cmdline: &mut Option<String>,
+) {
+    disks.insert(
+        0,
+        BlockConfig {
+            path: image.disk.path().to_path_buf(),
+            readonly: false,
+            id: None,
+        },
+    );
+    init.command = Some(image.argv.clone());
+    init.env = image.config.env.clone();
+    init.workdir = Some(image.config.working_dir().to_string());
+    init.user = image.config.user.clone();
+    // Before the user's --cmdline, which can still override it.
+    let init_arg = format!("init={}", crate::image::GUEST_INIT_PATH);
+    *cmdline = Some(match cmdline.take() {
+        Some(user) => format!("{init_arg} {user}"),
+        None => init_arg,
+    });
+}
+
+/// Runs `vmlab run`: returns vmlab's exit status (the command's, 0 for a
+/// clean guest shutdown, 128+N after host signal N, 125 when the guest
+/// crashed). `started` is when vmlab started, for `--boot-time`. `owner`:
+/// the state directory of a named VM, held by this process.
+pub fn run(
+    args: RunArgs,
+    started: Instant,
+    streams: Streams,
+    owner: Option<&Owner>,
+) -> Result<u8, Error> {
+    let (host, why) = HostKind::resolve_why(args.host_quirks);
+    if host.cmdline_quirks().is_empty() {
+        log::info!("host: {} ({why}): no workarounds", host.describe());
+    } else if args.raw.is_some() {
+        // A raw image has no kernel command line to add them to.
+        log::info!("host: {} ({why})", host.describe());
+    } else {
+        log::info!(
+            "host: {} ({why}); adding to the guest command line: {}",
+            host.describe(),
+            host.cmdline_quirks().join(" ")
+        );
+    }
+    // Lives until the VM is done: dropping it removes the run's disk.
+    let image = match &args.image {
+        Some(path) => Some(crate::image::prepare_vm(path, &args.command)?),
+        None => None,
+    };
+    let (boot_time, stats, profile) = (args.boot_time, args.stats, args.profile_guest.clone());
+    let trace_path = args.trace_exits.clone();
+    let tracer = match &trace_path {
+        Some(path) => Some(
+            Tracer::create(
+                path,
+                args.trace_limit.unwrap_or(crate::trace::DEFAULT_LIMIT),
+            )
+            .map_err(|source| Error::Trace {
+                path: path.display().to_string(),
+                source,
+            })?,
+        ),
+        None => None,
+    };
+    let mut config = vm_config(args, host, image.as_ref(), streams, owner.map(|o| &o.paths))?;
+    config.trace = tracer.as_ref().and_then(Tracer::sender);
+    let sink = ConsoleSink::stdout().map_err(|source| crate::vm::Error::Host {
+        what: "duplicating stdout for the console",
+        source,
+    })?;
+    let vm = Vm::build(&config, sink)?;
+    log::debug!("guest command line: {}", vm.cmdline());
+
+    // Raw mode only while the guest owns the terminal; restored on drop.
+    let raw = if streams.stdin_tty && config.forward_stdin {
+        RawMode::enable(std::io::stdin().as_raw_fd())
+    } else {
+        None
+    };
+    let report = vm.run();
+    drop(raw);
+    let report = report?;
+    if let (Some(tracer), Some(path)) = (tracer, &trace_path) {
+        // The vCPU threads, and with them every other sender, are gone.
+        drop(config);
+        finish_trace(tracer, path);
+    }
+
+    if boot_time {
+        eprintln!("{}", boot_time_line(&report, started));
+    }
+    if stats {
+        eprintln!("{}", report.stats);
+        eprintln!(
+            "vmlab: console: {} bytes written, {} dropped",
+            report.console.written, report.console.dropped
+        );
+        eprintln!(
+            "vmlab: run time {:.3} s",
+            (report.ended - started).as_secs_f64()
+        );
+    }
+    if let Some(path) = &profile {
+        let mut samples = report.stats.samples.clone();
+        samples.sort_by_key(|s| (s.ms, s.vcpu));
+        match crate::profile::write_samples(path, &samples) {
+            Ok(()) => eprintln!(
+                "vmlab: {} guest samples written to {}",
+                samples.len(),
+                path.display()
+            ),
+            Err(e) => eprintln!("vmlab: cannot write {}: {e}", path.display()),
+        }
+    }
+    if let Some(msg) = report.outcome.failure_message() {
+        eprintln!("vmlab: {msg}");
+    }
+    log::debug!("outcome: {:?}", report.outcome);
+    Ok(u8::try_from(report.outcome.exit_code()).unwrap_or(EXIT_VMLAB_ERROR))
+}
+
+/// Waits for the exit trace's last line and says on stderr if it is not
+/// the whole story.
+fn finish_trace(tracer: Tracer, path: &std::path::Path) {
+    match tracer.finish() {
+        Ok(t) => {
+            if t.stopped_at_limit {
+                eprintln!(
+                    "vmlab: the exit trace {} reached its size limit and stopped early",
+                    path.display()
+                );
+            }
+            if t.dropped > 0 {
+                eprintln!(
+                    "vmlab: {} exits were not traced (the trace writer fell behind)",
+                    t.dropped
+                );
+            }
+        }
+        Err(e) => eprintln!("vmlab: cannot write {}: {e}", path.display()),
+    }
+}
+
+/// The `--boot-time` report.
+fn boot_time_line(report: &RunReport, started: Instant) -> String {
+    let ms = |t: Option<Instant>| match t {
+        Some(t) => format!("{:.1} ms", (t - started).as_secs_f64() * 1e3),
+        None => "never".to_string(),
+    };
+    format!(
+        "vmlab: boot time: first KVM_RUN after {}, guest init up after {}",
+        ms(report.first_run),
+        ms(report.init_up)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn args(argv: &[&str]) -> RunArgs {
+        let cli =
+            crate::cli::Cli::try_parse_from(["vmlab", "run"].iter().chain(argv).copied()).unwrap();
+        match cli.command {
+            crate::cli::Command::Run(a) => a,
+            _ => unreachable!("parsed `vmlab run`"),
+        }
+    }
+
+    const TTY: Streams = Streams {
+        stdin_tty: true,
+        stdout_tty: true,
+    };
+
+    #[test]
+    fn raw_config_from_the_command_line() {
+        let a = args(&["--raw", "/g.bin", "--mode", "long", "--entry", "0x100010"]);
+        let c = vm_config(a, HostKind::Hardware, None, Streams::default(), None).unwrap();
+        assert_eq!(
+            c.payload,
+            Payload::Raw(RawImage {
+                path: std::path::PathBuf::from("/g.bin"),
+                mode: CpuMode::Long,
+                entry: Some(0x10_0010),
+            })
+        );
+        let c = vm_config(
+            args(&["--raw", "/g.bin"]),
+            HostKind::Hardware,
+            None,
+            TTY,
+            None,
+        )
+        .unwrap();
+        assert!(matches!(
+            c.payload,
+            Payload::Raw(RawImage {
+                mode: CpuMode::Real,
+                entry: None,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn config_from_the_command_line() {
+        let a = args(&[
+            "--kernel",
+            "/k",
+            "--initrd",
+            "/i",
+            "--cpus",
+            "2",
+            "-m",
+            "256M",
+            "--disk",
+            "/d.img,readonly=on",
+            "--cmdline",
+            "loglevel=7",
+            "--",
+            "echo",
+            "hi",
+        ]);
+        let c = vm_config(a, HostKind::Hardware, None, Streams::default(), None).unwrap();
+        assert_eq!(
+            c.payload,
+            Payload::Linux {
+                kernel: std::path::PathBuf::from("/k"),
+                initrd: Some(std::path::PathBuf::from("/i")),
+            }
+        );
+        assert_eq!(c.cpus, 2);
+        assert_eq!(c.mem_size, 256 << 20);
+        assert_eq!(c.disks.len(), 1);
+        assert!(c.disks[0].readonly);
+        assert_eq!(c.cmdline.as_deref(), Some("loglevel=7"));
+        assert_eq!(
+            c.init.command,
+            Some(vec!["echo".to_string(), "hi".to_string()])
+        );
+        assert!(!c.init.tty);
+        assert!(c.forward_stdin);
+        assert_eq!(c.profile_period, None);
+    }
+
+    #[test]
+    fn shell_on_a_terminal_and_profiling() {
+        let a = args(&["--kernel", "/k", "--profile-guest", "/tmp/p.txt"]);
+        let c = vm_config(a, HostKind::Hardware, None, TTY, None).unwrap();
+        assert_eq!(c.init.command, None, "no command: a shell");
+        assert!(c.init.tty);
+        assert_eq!(c.profile_period, Some(PROFILE_PERIOD));
+        // A terminal on one side only is not an interactive console.
+        let half = Streams {
+            stdin_tty: true,
+            stdout_tty: false,
+        };
+        let c = vm_config(
+            args(&["--kernel", "/k"]),
+            HostKind::Hardware,
+            None,
+            half,
+            None,
+        )
+        .unwrap();
+        assert!(!c.init.tty);
+    }
+
+    #[test]
+    fn bad_input_is_an_error_not_a_panic() {
+        let dir = std::env::temp_dir().join(format!("vmlab-run-test-{}", std::process::id()));
+        let missing = dir.join("no-such-kernel");
+        let a = args(&["--kernel", missing.to_str().unwrap(), "--", "true"]);
+        let e = run(a, Instant::now(), Streams::default(), None).unwrap_err();
+        // Without /dev/kvm the error is about KVM; with it, the kernel.
+        let msg = e.to_string();
+        assert!(
+            msg.contains("no-such-kernel") || msg.contains("/dev/kvm"),
+            "{msg}"
+        );
+
+        let image = dir.join("no-such-image.tar");
+        let a = args(&["--kernel", "/k", "--image", image.to_str().unwrap()]);
+        let e = run(a, Instant::now(), Streams::default(), None).unwrap_err();
+        assert!(matches!(e, Error::Image(_)), "{e}");
+        assert!(e.to_string().contains("no-such-image"), "{e}");
+    }
+
+    #[test]
+    fn a_named_vm_gets_a_vsock_device_and_the_agent() {
+        let paths = Paths::new(std::path::Path::new("/state"), "web");
+        let c = vm_config(
+            args(&["--kernel", "/k", "--name", "web", "-d"]),
+            HostKind::Hardware,
+            None,
+            TTY,
+            Some(&paths),
+        )
+        .unwrap();
+        let v = c.vsock.unwrap();
+        assert_eq!((v.cid, v.socket), (DEFAULT_CID, paths.vsock()));
+        assert!(c.init.agent && !c.init.tty && !c.forward_stdin);
+        let c = vm_config(
+            args(&["--kernel", "/k", "--name", "web", "--vsock", "cid=7"]),
+            HostKind::Hardware,
+            None,
+            Streams::default(),
+            Some(&paths),
+        )
+        .unwrap();
+        assert_eq!(c.vsock.unwrap().cid, 7);
+        let e = vm_config(
+            args(&[
+                "--kernel",
+                "/k",
+                "--name",
+                "w",
+                "--vsock",
+                "cid=7,socket=/s",
+            ]),
+            HostKind::Hardware,
+            None,
+            Streams::default(),
+            Some(&paths),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("state directory"), "{e}");
+        // No vsock device, no agent; --vsock alone enables it.
+        let c = vm_config(
+            args(&["--kernel", "/k"]),
+            HostKind::Hardware,
+            None,
+            TTY,
+            None,
+        )
+        .unwrap();
+        assert!(c.vsock.is_none() && !c.init.agent);
+        let a = args(&["--kernel", "/k", "--vsock", "cid=5,socket=/tmp/v.sock"]);
+        let c = vm_config(a, HostKind::Hardware, None, TTY, None).unwrap();
+        assert!(c.init.agent);
+    }
+
+    #[test]
+    fn out_of_range_memory_is_refused_before_kvm() {
+        let a = args(&["--kernel", "/k", "-m", "16M"]);
+        let e = run(a, Instant::now(), Streams::default(), None).unwrap_err();
+        assert!(e.to_string().contains("too small"), "{e}");
+    }
+
+    #[test]
+    fn boot_time_line_says_never_for_a_missing_mark() {
+        let started = Instant::now();
+        let report = RunReport {
+            outcome: crate::vm::Outcome::PowerOff,
+            first_run: Some(started + Duration::from_millis(5)),
+            init_up: None,
+            ended: started,
+            stats: Default::default(),
+            console: Default::default(),
+        };
+        let line = boot_time_line(&report, started);
+        assert!(line.contains("first KVM_RUN after 5.0 ms"), "{line}");
+        assert!(line.ends_with("guest init up after never"), "{line}");
+    }
+}
