@@ -5,7 +5,9 @@
 //!
 //! The guest's main process ignores SIGTERM and records SIGUSR1, so that
 //! `vmlab kill NAME USR1` can be seen to reach it and `vmlab stop` has to
-//! fall back to the guest power-off within its timeout.
+//! fall back to the guest power-off within its timeout. As root, the VM
+//! runs in a network namespace of its own on a TAP device that vmlab
+//! creates; after `stop` that TAP, too, must be gone.
 
 mod common;
 
@@ -26,7 +28,14 @@ struct Vm {
     name: String,
     state: PathBuf,
     pid: u32,
+    /// The namespace the VM runs in, with the TAP vmlab created for it
+    /// (None without root: the TAP check is then skipped, and says so).
+    ns: Option<Netns>,
 }
+
+/// The TAP device the VM's virtio-net uses: vmlab creates it (it does not
+/// exist before), so it must be gone once the VM has stopped.
+const TAP: &str = "vmlab-exec0";
 
 /// The VM, or why it could not be started (kept, so that the other tests
 /// fail at once instead of each booting again).
@@ -50,6 +59,12 @@ extern "C" fn kill_vm_at_exit() {
         // SAFETY: kill has no memory effects.
         unsafe { libc::kill(vm.pid as i32, libc::SIGKILL) };
         let _ = std::fs::remove_dir_all(&vm.state);
+        if let Some(ns) = vm.ns.as_ref().filter(|ns| ns.exists()) {
+            // The static is never dropped: delete the namespace here.
+            let _ = Command::new("ip")
+                .args(["netns", "delete", &ns.name])
+                .status();
+        }
     }
 }
 
@@ -64,7 +79,14 @@ fn vm() -> Use {
         let state = std::env::temp_dir().join(format!("vmlab-exec-state-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&state);
         let name = format!("exec-{}", std::process::id());
-        let mut cmd = vmlab();
+        let ns = Netns::new();
+        let mut cmd = match &ns {
+            Some(ns) => ns.command(env!("CARGO_BIN_EXE_vmlab")),
+            None => {
+                eprintln!("skipped: the TAP check of zz_kill_and_stop (needs root)");
+                vmlab()
+            }
+        };
         cmd.env("VMLAB_STATE_DIR", &state).args([
             "run",
             "--kernel",
@@ -77,11 +99,11 @@ fn vm() -> Use {
             // A busy host (two guests booting, builds) can take minutes.
             "--ready-timeout",
             "800",
-            "--",
-            "sh",
-            "-c",
-            MAIN,
         ]);
+        if ns.is_some() {
+            cmd.args(["--net", &format!("tap={TAP}")]);
+        }
+        cmd.args(["--", "sh", "-c", MAIN]);
         // SAFETY: registers a function without arguments.
         unsafe { libc::atexit(kill_vm_at_exit) };
         let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -97,7 +119,12 @@ fn vm() -> Use {
             .trim()
             .parse()
             .map_err(|e| format!("pid file: {e}"))?;
-        Ok(Vm { name, state, pid })
+        Ok(Vm {
+            name,
+            state,
+            pid,
+            ns,
+        })
     });
     match vm {
         Ok(vm) => Use(vm),
@@ -393,6 +420,9 @@ fn zz_kill_and_stop() {
     let dir = vm.0.state.join(&vm.0.name);
     let socket = dir.join("vsock.sock");
     assert!(socket.exists() && dir.join("lock").exists());
+    if let Some(ns) = &vm.0.ns {
+        assert!(ns.has_link(TAP), "no TAP {TAP} while the VM runs");
+    }
     let start = Instant::now();
     let run = run_with_deadline(vm.cmd(&["stop", &vm.0.name, "--timeout", "3"]), EXEC_LIMIT);
     let took = start.elapsed();
@@ -411,6 +441,12 @@ fn zz_kill_and_stop() {
     );
     assert!(!dir.exists(), "state directory left behind");
     assert!(!socket.exists());
+    if let Some(ns) = &vm.0.ns {
+        assert!(!ns.has_link(TAP), "TAP {TAP} left behind");
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &ns.name])
+            .status();
+    }
     let run = run_with_deadline(vm.cmd(&["ps"]), EXEC_LIMIT);
     assert!(!run.stdout.contains(&vm.0.name), "{}", run.dump());
     let run = vm.exec(&[], &["true"]);

@@ -4,8 +4,11 @@
 #![allow(dead_code)]
 
 mod guest;
+mod netns;
 #[allow(unused_imports)]
 pub use guest::*;
+#[allow(unused_imports)]
+pub use netns::*;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
