@@ -493,6 +493,15 @@ pub(crate) mod test_utils {
             head
         }
 
+        /// Where garbage descriptors point: the device's own buffers and
+        /// rings (`known`), the last byte of `mem_size` bytes of memory,
+        /// the first byte past it, and addresses whose end overflows.
+        pub fn hostile_addrs(mem_size: u64, known: &[u64]) -> Vec<u64> {
+            let mut addrs = known.to_vec();
+            addrs.extend([mem_size - 1, mem_size, u64::MAX, u64::MAX - 15]);
+            addrs
+        }
+
         /// A garbage descriptor `index` for fuzz tests: an address from
         /// `addrs`, a length from `lens`, any flags, a next index that may
         /// loop or point past the table.

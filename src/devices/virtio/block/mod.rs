@@ -1298,17 +1298,16 @@ mod tests {
         let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
         let mut d = Driver::new(&s.mem, 16);
         let (mut w, handle) = s.worker(d.queue(), false);
-        let addrs = [
-            HEADER_ADDR,
-            STATUS_ADDR,
-            DATA_ADDR,
-            DATA_ADDR + 0x1ff,
-            MEM_SIZE - 1,
+        let addrs = MockDriver::hostile_addrs(
             MEM_SIZE,
-            u64::MAX,
-            u64::MAX - 15,
-            QUEUE_ADDR,
-        ];
+            &[
+                HEADER_ADDR,
+                STATUS_ADDR,
+                DATA_ADDR,
+                DATA_ADDR + 0x1ff,
+                QUEUE_ADDR,
+            ],
+        );
         let lens = [0u32, 1, 15, 16, 20, 512, 513, 4096, 65536, u32::MAX];
         for round in 0..1000 {
             // Random headers with mostly plausible types.

@@ -980,15 +980,7 @@ mod tests {
         let mut rxd = Driver::new(&s.mem, RXQ_ADDR, 16);
         let mut txd = Driver::new(&s.mem, TXQ_ADDR, 16);
         let (mut w, peer, handle) = s.worker(rxd.queue(), txd.queue(), true);
-        let addrs = [
-            RX_BUF_ADDR,
-            TX_BUF_ADDR,
-            MEM_SIZE - 1,
-            MEM_SIZE,
-            u64::MAX,
-            u64::MAX - 15,
-            RXQ_ADDR,
-        ];
+        let addrs = Driver::hostile_addrs(MEM_SIZE, &[RX_BUF_ADDR, TX_BUF_ADDR, RXQ_ADDR]);
         let lens = [0u32, 1, 11, 12, 26, 1536, 4096, 65_562, 65_563, u32::MAX];
         for round in 0..1000 {
             w.mergeable = rng.below(4) != 0;
