@@ -18,6 +18,7 @@ use vm_memory::{
     GuestAddress, GuestMemoryBackend, GuestMemoryMmap, ReadVolatile, VolatileMemoryError,
     VolatileSlice, WriteVolatile,
 };
+use vmm_sys_util::fallocate::{fallocate, FallocateMode};
 
 use super::{BlockError, SECTOR_SIZE};
 
@@ -227,11 +228,7 @@ impl Disk {
     /// Deallocates a range. Discarded data may read back as anything, so
     /// where the filesystem cannot punch holes doing nothing is correct.
     pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        match self.fallocate(
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset,
-            len,
-        ) {
+        match self.fallocate(Hole::Punch, offset, len) {
             Err(e) if fallocate_unsupported(&e) => Ok(()),
             other => other,
         }
@@ -242,20 +239,12 @@ impl Disk {
     /// else write zeros.
     pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
         if unmap {
-            match self.fallocate(
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset,
-                len,
-            ) {
+            match self.fallocate(Hole::Punch, offset, len) {
                 Err(e) if fallocate_unsupported(&e) => {}
                 other => return other,
             }
         }
-        match self.fallocate(
-            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-            offset,
-            len,
-        ) {
+        match self.fallocate(Hole::ZeroInPlace, offset, len) {
             Err(e) if fallocate_unsupported(&e) => self.write_zeros_slowly(offset, len),
             other => other,
         }
@@ -273,22 +262,31 @@ impl Disk {
         Ok(())
     }
 
-    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
-        let offset = libc::off_t::try_from(offset).map_err(|_| invalid_offset())?;
-        let len = libc::off_t::try_from(len).map_err(|_| invalid_offset())?;
+    /// vmm-sys-util's fallocate (FALLOC_FL_KEEP_SIZE: the disk never
+    /// grows), retried when a signal interrupts it.
+    fn fallocate(&self, hole: Hole, offset: u64, len: u64) -> io::Result<()> {
         loop {
-            // SAFETY: fallocate only reads its integer arguments and acts
-            // on the fd, which `self.file` keeps open; no memory is shared.
-            let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset, len) };
-            if rc == 0 {
-                return Ok(());
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
+            let mode = match hole {
+                Hole::Punch => FallocateMode::PunchHole,
+                Hole::ZeroInPlace => FallocateMode::ZeroRange,
+            };
+            match fallocate(&self.file, mode, true, offset, len) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.errno() == libc::EINTR => {}
+                Err(e) => return Err(io::Error::from_raw_os_error(e.errno())),
             }
         }
     }
+}
+
+/// What [`Disk::fallocate`] does to a range (vmm-sys-util's
+/// `FallocateMode` is not `Copy`, so a retry needs a fresh one).
+#[derive(Clone, Copy)]
+enum Hole {
+    /// Deallocate it (reads back as zeros).
+    Punch,
+    /// Zero it, keeping the blocks allocated.
+    ZeroInPlace,
 }
 
 /// Maps the O_RDWR open failure of a writable disk to "not writable", so
