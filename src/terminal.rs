@@ -1,5 +1,12 @@
 //! The host terminal: raw mode while a guest console is attached to it,
 //! restored on every way out.
+//!
+//! Not vmm-sys-util's `Terminal`: its raw mode clears only ICANON, ECHO
+//! and ISIG, so a `vmlab exec -t` session would still have the host
+//! translate CR to NL and post-process output (OPOST), and its
+//! `set_canon_mode` sets those flags back instead of restoring the
+//! terminal as it was. `cfmakeraw` on a saved copy, restored on drop,
+//! gives the guest the bytes typed and the user their terminal back.
 
 use std::os::fd::RawFd;
 
