@@ -222,19 +222,51 @@ log "L1 initramfs: $cpio_file ($(du -m "$cpio_file" | cut -f1) MiB; checks: ${na
 
 # --- Boot L1 and collect ----------------------------------------------------
 serial="$work/serial.log"
-log "booting L1: QEMU TCG, -cpu EPYC,+svm,+npt, $smp CPUs, 3 GiB (at most ${timeout_s} s)"
-start=$(date +%s)
-set +e
-timeout -k 10 "$timeout_s" qemu-system-x86_64 -machine q35 -accel tcg \
-  -cpu EPYC,+svm,+npt -m 3G -smp "$smp" -nographic -no-reboot -nic none \
-  -kernel "$cache/vmlinuz" -initrd "$cpio_file" \
-  -append "console=ttyS0 panic=-1 quiet loglevel=3" \
-  < /dev/null > "$serial" 2>&1
-qrc=$?
-set -e
-wall=$(( $(date +%s) - start ))
-tr -d '\r' < "$serial" > "$serial.txt"
-log "L1 ran ${wall} s (qemu exit status $qrc); serial log: $serial.txt"
+# One boot of L1: its serial console in $serial, QEMU's status in $qrc.
+boot_l1() {
+  log "booting L1: QEMU TCG, -cpu EPYC,+svm,+npt, $smp CPUs, 3 GiB (at most ${timeout_s} s)"
+  start=$(date +%s)
+  set +e
+  timeout -k 10 "$timeout_s" qemu-system-x86_64 -machine q35 -accel tcg \
+    -cpu EPYC,+svm,+npt -m 3G -smp "$smp" -nographic -no-reboot -nic none \
+    -kernel "$cache/vmlinuz" -initrd "$cpio_file" \
+    -append "console=ttyS0 panic=-1 quiet loglevel=3" \
+    < /dev/null > "$serial" 2>&1 &
+  qpid=$!
+  # L1 powers off after SVM-DONE. QEMU TCG has been seen to keep running at
+  # full CPU after L1's "reboot: Power down" (1 of 4 runs, 2026-12-07): give
+  # it 30 s to exit after SVM-DONE, then end it (timeout passes the TERM on).
+  done_at=""
+  while kill -0 "$qpid" 2>/dev/null; do
+    if [ -z "$done_at" ]; then
+      grep -q 'SVM-DONE' "$serial" 2>/dev/null && done_at=$(date +%s)
+    elif [ $(( $(date +%s) - done_at )) -ge 30 ]; then
+      log "L1 finished, but QEMU had not exited 30 s after SVM-DONE: stopping it"
+      kill -TERM "$qpid" 2>/dev/null
+      break
+    fi
+    sleep 1
+  done
+  wait "$qpid"
+  qrc=$?
+  set -e
+  wall=$(( $(date +%s) - start ))
+  tr -d '\r' < "$serial" > "$serial.txt"
+  log "L1 ran ${wall} s (qemu exit status $qrc); serial log: $serial.txt"
+}
+boot_l1
+# L1's own kernel (Debian's, with kvm_amd, on QEMU's emulated SVM) has
+# been seen to crash under the checks: "BUG: TASK stack guard page was hit"
+# in a vcpu thread's error_entry, then "Kernel panic - not syncing" (1 of 7
+# lanes, 2026-12-07). That is the emulator's or L1's fault, not a check's
+# result: such a lane is run once more, and the crash stays in the output.
+if ! grep -q '^SVM-DONE' "$serial.txt" && grep -q 'Kernel panic - not syncing' "$serial.txt"; then
+  cp "$serial.txt" "$serial.crashed.txt"
+  log "L1's kernel crashed before the checks finished (not a check failure):"
+  grep -m3 -e 'BUG:' -e 'Kernel panic' "$serial.txt" | sed 's/^/test-svm:   /' >&2
+  log "its serial log: $serial.crashed.txt; booting L1 once more"
+  boot_l1
+fi
 
 passed=0
 failed=0

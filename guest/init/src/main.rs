@@ -184,7 +184,17 @@ fn run(signals: &Signals, opts: &Options) -> Outcome {
             .unwrap_or_else(|| vec![DEFAULT_SHELL.into()]),
         env: build_env(&cfg.env, cfg.tty, &home),
         creds: creds.map(|c| (c.uid, c.gid, c.groups)),
-        ctty: true,
+        // The console is the command's controlling terminal only when the
+        // host side is a terminal (`vmlab.tty`: job control, Ctrl-C), as
+        // with `docker run -t`. Otherwise it must not be: when a session
+        // leader whose controlling terminal is not a pty exits, Linux hangs
+        // that terminal up (disassociate_ctty -> tty_vhangup_session), and
+        // the hangup flushes the UART's transmit buffer. With two vCPUs on
+        // hardware-speed KVM, `echo hi`'s output was still in that buffer
+        // (its THRE interrupt pending on the other vCPU) when echo exited,
+        // and `vmlab run -- echo hi` printed nothing in 1 of 20 runs (the
+        // SVM lane's tests/console.rs).
+        ctty: cfg.tty,
         cwd: None,
     };
     match supervise::spawn(&spec) {
