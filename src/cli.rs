@@ -374,8 +374,16 @@ pub struct RunArgs {
     /// Without --name the name is vm-PID.
     #[arg(long, short = 'd')]
     pub detach: bool,
-    /// With --detach: how long to wait for the guest agent, in seconds.
-    #[arg(long, value_name = "S", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=3600), requires = "detach")]
+    /// Run COMMAND through the guest agent rather than as the guest's
+    /// main process: its stdout and stderr reach vmlab's stdout and stderr
+    /// apart, stdin is forwarded, and vmlab exits with its status. The VM
+    /// is a named one while it runs (console in its log); it is stopped
+    /// when COMMAND ends.
+    #[arg(long, conflicts_with_all = ["detach", "raw", "image"], requires = "command")]
+    pub agent: bool,
+    /// With --detach or --agent: how long to wait for the guest agent, in
+    /// seconds.
+    #[arg(long, value_name = "S", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub ready_timeout: u64,
     /// The command to run in the guest, after `--`.
     #[arg(last = true, value_name = "COMMAND")]

@@ -135,7 +135,15 @@ fn trace_report(args: &TraceReportArgs) -> Result<(), String> {
 /// `vmlab run`: in the foreground, or with `--detach` as a background VMM
 /// that outlives this process. A named VM (`--name`, or any detached one)
 /// has a state directory for as long as its VMM runs.
-fn start(args: RunArgs, started: Instant, root: &std::path::Path) -> Result<u8, vmlab::run::Error> {
+fn start(
+    mut args: RunArgs,
+    started: Instant,
+    root: &std::path::Path,
+) -> Result<u8, vmlab::run::Error> {
+    // --agent: the VM starts as a detached, agent-only one; this process
+    // then runs the command in it as `vmlab exec` would, and stops it.
+    let through_agent = args.agent.then(|| std::mem::take(&mut args.command));
+    args.detach |= args.agent;
     let name = match (&args.name, args.detach) {
         (Some(name), _) => name.clone(),
         (None, true) => format!("vm-{}", std::process::id()),
@@ -150,13 +158,22 @@ fn start(args: RunArgs, started: Instant, root: &std::path::Path) -> Result<u8, 
             Forked::Parent => {
                 // The daemon holds the lock now (the same open file).
                 drop(owner);
-                instances::wait_ready(
+                let ready = instances::wait_ready(
                     root,
                     &name,
                     std::time::Duration::from_secs(args.ready_timeout),
-                )?;
-                println!("{name}");
-                return Ok(0);
+                );
+                let Some(command) = through_agent else {
+                    ready?;
+                    println!("{name}");
+                    return Ok(0);
+                };
+                let status = ready.and_then(|()| run_in_agent(root, &name, command));
+                // Whatever the command did, the VM goes with it.
+                let stopped = instances::stop(root, &name, std::time::Duration::from_secs(10));
+                let status = status?;
+                stopped?;
+                return Ok(status);
             }
             Forked::Daemon => {}
         }
@@ -170,6 +187,30 @@ fn start(args: RunArgs, started: Instant, root: &std::path::Path) -> Result<u8, 
         eprintln!("vmlab: error: {e}");
     }
     result
+}
+
+/// `vmlab run --agent -- COMMAND`, once the VM's agent answers: COMMAND
+/// with this process's stdin, stdout and stderr, each its own stream (a
+/// terminal when both ends are one), like `vmlab exec -i [-t]`.
+fn run_in_agent(
+    root: &std::path::Path,
+    name: &str,
+    command: Vec<String>,
+) -> Result<u8, instances::Error> {
+    use std::io::IsTerminal;
+    let tty = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
+    instances::exec(
+        root,
+        instances::ExecOptions {
+            name: name.to_string(),
+            command,
+            env: Vec::new(),
+            workdir: None,
+            user: None,
+            interactive: true,
+            tty,
+        },
+    )
 }
 
 fn run_named(

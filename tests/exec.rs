@@ -390,6 +390,44 @@ fn ps_and_logs_show_the_vm() {
 /// Runs last (tests start in name order; it waits for the others to let
 /// go of the VM): `kill` reaches the main process, `stop` ends a main
 /// process that ignores SIGTERM within its timeout, and nothing is left.
+/// `vmlab run --agent -- CMD`: a VM of its own (not the shared one), CMD
+/// run through the agent, its stdout and stderr apart, its exit status
+/// vmlab's, and the VM gone afterwards.
+#[test]
+fn run_through_the_agent_keeps_stdout_and_stderr_apart() {
+    let guest = guest_dir();
+    let state = std::env::temp_dir().join(format!("vmlab-run-agent-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state);
+    let mut cmd = vmlab();
+    cmd.env("VMLAB_STATE_DIR", &state).args([
+        "run",
+        "--agent",
+        "--ready-timeout",
+        "800",
+        "--kernel",
+        guest.join("vmlinux").to_str().unwrap(),
+        "--initrd",
+        guest.join("initramfs.cpio.gz").to_str().unwrap(),
+        "--",
+        "sh",
+        "-c",
+        "echo to-stdout; echo to-stderr >&2; exit 3",
+    ]);
+    let run = run_with_deadline(cmd, BOOT_LIMIT);
+    assert_eq!(run.code(), Some(3), "{}", run.dump());
+    assert_eq!(run.stdout, "to-stdout\n", "{}", run.dump());
+    assert!(
+        run.stderr.contains("to-stderr\n") && !run.stderr.contains("to-stdout"),
+        "{}",
+        run.dump()
+    );
+    let left: Vec<_> = std::fs::read_dir(&state)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "state left behind: {left:?}");
+    let _ = std::fs::remove_dir_all(&state);
+}
+
 #[test]
 fn zz_kill_and_stop() {
     let vm = vm();
