@@ -385,12 +385,16 @@ impl Wiring for RecordingWiring {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::console::testing::{wait_for, Gate};
+    use crate::devices::console::Console;
+    use crate::devices::serial::{ConsoleTail, ConsoleWriter, SerialDevice};
     use crate::devices::virtio::block::Disk;
     use crate::devices::virtio::mmio::test_driver::{OnBus, Registers, ALL};
     use crate::devices::virtio::test_utils::{
         frame, socket_pair, wait_until, MockDriver, TempFile,
     };
     use crate::devices::virtio::{mmio, VIRTIO_ID_BLOCK, VIRTIO_ID_NET};
+    use crate::devices::BusDevice;
     use std::io;
     use std::path::Path;
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -464,8 +468,8 @@ mod tests {
     }
 
     /// The acceptance test: a disk stuck in fdatasync stalls
-    /// neither the network device of the same VM nor a vCPU resetting the
-    /// disk. Everything goes through the MMIO bus as a vCPU's accesses
+    /// neither the network device of the same VM, nor the console, nor a
+    /// vCPU resetting the disk. Everything goes through the MMIO bus as a vCPU's accesses
     /// do, and through the eventfds KVM would signal.
     #[test]
     fn a_stuck_disk_stalls_neither_the_network_nor_a_vcpu() {
@@ -565,6 +569,25 @@ mod tests {
         net_notify[1].0.write(1).unwrap();
         wait_until("a sent frame", || txq.used_idx() == 1);
         assert_eq!(peer.recv().unwrap(), outgoing);
+
+        // And the console prints: what a vCPU writes to the UART reaches
+        // the host through the console thread.
+        let console = Console::new();
+        let gate = Gate::default();
+        gate.release();
+        let printer = gate.start(&console);
+        let mut uart = SerialDevice::new(
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+            Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+            ConsoleWriter::new(console.clone(), ConsoleTail::default()),
+        );
+        for b in b"still printing\n" {
+            uart.write(0, &[*b]);
+        }
+        wait_for("console output", || {
+            gate.out.lock().unwrap().as_slice() == b"still printing\n"
+        });
+        printer.finish(Duration::from_secs(5));
         assert!(
             !stuck.done.load(Ordering::SeqCst),
             "the disk is still stuck"
