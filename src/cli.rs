@@ -282,6 +282,7 @@ pub struct ContainerArgs {
 
 /// `vmlab run`.
 #[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("background").args(["detach", "agent"]))]
 pub struct RunArgs {
     /// Guest kernel: an ELF vmlinux or a bzImage.
     #[arg(long, value_name = "PATH", required_unless_present = "raw")]
@@ -383,7 +384,7 @@ pub struct RunArgs {
     pub agent: bool,
     /// With --detach or --agent: how long to wait for the guest agent, in
     /// seconds.
-    #[arg(long, value_name = "S", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    #[arg(long, value_name = "S", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=3600), requires = "background")]
     pub ready_timeout: u64,
     /// The command to run in the guest, after `--`.
     #[arg(last = true, value_name = "COMMAND")]
@@ -817,6 +818,27 @@ mod tests {
         };
         assert!(r.detach && r.name.as_deref() == Some("web") && r.ready_timeout == 120);
         let argv = ["vmlab", "run", "--kernel", "k", "--ready-timeout", "5"];
+        assert!(Cli::try_parse_from(argv).is_err());
+        let argv = [
+            "vmlab",
+            "run",
+            "--kernel",
+            "k",
+            "--agent",
+            "--ready-timeout",
+            "5",
+            "--",
+            "true",
+        ];
+        let Command::Run(r) = Cli::try_parse_from(argv).unwrap().command else {
+            panic!("not run")
+        };
+        assert!(r.agent && !r.detach && r.ready_timeout == 5 && r.command == ["true"]);
+        // --agent needs a command, and is not --detach.
+        assert!(Cli::try_parse_from(["vmlab", "run", "--kernel", "k", "--agent"]).is_err());
+        let argv = [
+            "vmlab", "run", "--kernel", "k", "--agent", "-d", "--", "true",
+        ];
         assert!(Cli::try_parse_from(argv).is_err());
     }
 
