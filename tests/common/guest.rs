@@ -287,6 +287,19 @@ pub fn expected_digest(len: u64) -> String {
     sha.hex()
 }
 
+/// Asserts what a workload's JSON result line reports of the data stream:
+/// its SHA-256 `digest`, and with `bytes` its length.
+pub fn assert_stream_line(line: &str, digest: &str, bytes: Option<u64>) {
+    assert_eq!(json_field(line, "sha256"), Some(digest), "{line}");
+    if let Some(bytes) = bytes {
+        assert_eq!(
+            json_field(line, "bytes"),
+            Some(bytes.to_string().as_str()),
+            "{line}"
+        );
+    }
+}
+
 /// The value of `"key":"..."` or `"key":N` in a workload JSON line.
 pub fn json_field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     let start = line.find(&format!("\"{key}\":"))? + key.len() + 3;
