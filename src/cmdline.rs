@@ -37,6 +37,21 @@ pub struct InitParams {
     /// Start the guest agent (vsock port 1024; docs/AGENT.md). vmlab sets
     /// it whenever the VM has a vsock device.
     pub agent: bool,
+    /// virtio-fs shares the init mounts before the command (or the shell,
+    /// or the agent) starts, in this order.
+    pub volumes: Vec<GuestVolume>,
+}
+
+/// A virtio-fs share as the guest init mounts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestVolume {
+    /// The device's tag, the mount's source (`mount -t virtiofs TAG PATH`).
+    pub tag: String,
+    /// Where the guest mounts it: an absolute path, created (with its
+    /// parents) if missing.
+    pub path: String,
+    /// Mount it read-only (`MS_RDONLY`).
+    pub readonly: bool,
 }
 
 /// Lowercase hex of `bytes`: survives the kernel's command-line parsing
@@ -56,8 +71,9 @@ fn nul_joined(items: &[String]) -> Vec<u8> {
 }
 
 /// The parameters for the guest init: `quiet` when a command runs, and one
-/// word `vmlab=tty:N[,quiet:1][,cmd:HEX][,env:HEX][,workdir:HEX][,user:HEX][,agent:1]`
-/// (guest/init/src/cmdline.rs). One word rather than one per setting: the
+/// word `vmlab=tty:N[,quiet:1][,cmd:HEX][,env:HEX][,workdir:HEX][,user:HEX][,agent:1][,fs:HEX]`
+/// (guest/init/src/cmdline.rs). `fs` is the NUL-joined list
+/// `TAG\0PATH\0MODE` of each volume in turn, MODE `ro` or `rw`. One word rather than one per setting: the
 /// guest kernel compares every word of its command line with each of its
 /// parameter names several times while it boots, which on a nested-KVM
 /// host costs about 0.1 s per word (docs/BOOT.md).
@@ -82,6 +98,17 @@ pub fn init_params(init: &InitParams) -> Vec<String> {
     }
     if init.agent {
         items.push("agent:1".to_string());
+    }
+    if !init.volumes.is_empty() {
+        let fields: Vec<String> = init
+            .volumes
+            .iter()
+            .flat_map(|v| {
+                let mode = if v.readonly { "ro" } else { "rw" };
+                [v.tag.clone(), v.path.clone(), mode.to_string()]
+            })
+            .collect();
+        items.push(format!("fs:{}", hex(&nul_joined(&fields))));
     }
     out.push(format!("vmlab={}", items.join(",")));
     out
@@ -138,6 +165,48 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(p, vec!["vmlab=tty:0,agent:1".to_string()]);
+    }
+
+    #[test]
+    fn volumes_are_hex_of_nul_joined_triples() {
+        let p = init_params(&InitParams {
+            agent: true,
+            volumes: vec![
+                GuestVolume {
+                    tag: "vol0".into(),
+                    path: "/data".into(),
+                    readonly: false,
+                },
+                GuestVolume {
+                    tag: "vol1".into(),
+                    path: "/srv/my app".into(),
+                    readonly: true,
+                },
+            ],
+            ..Default::default()
+        });
+        assert_eq!(
+            p,
+            vec![format!(
+                "vmlab=tty:0,agent:1,fs:{}",
+                hex(b"vol0\0/data\0rw\0vol1\0/srv/my app\0ro")
+            )]
+        );
+        // One volume: no trailing NUL.
+        let p = init_params(&InitParams {
+            volumes: vec![GuestVolume {
+                tag: "t".into(),
+                path: "/t".into(),
+                readonly: true,
+            }],
+            ..Default::default()
+        });
+        assert_eq!(p, vec![format!("vmlab=tty:0,fs:{}", hex(b"t\0/t\0ro"))]);
+        // None: no fs item at all.
+        assert_eq!(
+            init_params(&InitParams::default()),
+            vec!["vmlab=tty:0".to_string()]
+        );
     }
 
     #[test]
