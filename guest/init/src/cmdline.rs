@@ -2,9 +2,9 @@
 //!
 //! The VMM passes everything init needs on the kernel command line, because
 //! that is the one channel that exists before any device is set up. Values
-//! that may contain arbitrary bytes (argv, environment, paths, user names) are
-//! hex encoded so that spaces, quotes and non-UTF-8 bytes survive the kernel's
-//! own command line splitting unchanged.
+//! that may contain arbitrary bytes (argv, environment, paths, user names,
+//! virtio-fs shares) are hex encoded so that spaces, quotes and non-UTF-8
+//! bytes survive the kernel's own command line splitting unchanged.
 //!
 //! Everything here is pure (no system calls) so it is unit tested on the host.
 
@@ -35,6 +35,19 @@ pub struct Config {
     /// Start the guest agent (vsock port 1024, src/agent.rs). Without a
     /// command, the agent is all the guest runs until it is powered off.
     pub agent: bool,
+    /// virtio-fs shares to mount before anything runs, in order.
+    pub volumes: Vec<Volume>,
+}
+
+/// A virtio-fs share: `mount -t virtiofs TAG PATH [-o ro]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Volume {
+    /// The virtio-fs device's tag (the mount source); not empty.
+    pub tag: OsString,
+    /// The mount point: absolute, created with its parents if missing.
+    pub path: PathBuf,
+    /// Mount read-only (`MS_RDONLY`).
+    pub readonly: bool,
 }
 
 impl Default for Config {
@@ -47,6 +60,7 @@ impl Default for Config {
             user: None,
             quiet: false,
             agent: false,
+            volumes: Vec::new(),
         }
     }
 }
@@ -88,6 +102,8 @@ pub enum CmdlineError {
     BadEnv(String),
     /// `vmlab.user` is not `uid[:gid]` / `name[:group]`.
     BadUser(String),
+    /// `vmlab.fs` is not a list of `TAG, PATH, ro|rw` triples; says why.
+    BadVolume(String),
 }
 
 impl fmt::Display for CmdlineError {
@@ -102,6 +118,7 @@ impl fmt::Display for CmdlineError {
                 write!(f, "malformed vmlab.env: entry {entry:?} is not KEY=VALUE")
             }
             CmdlineError::BadUser(why) => write!(f, "malformed vmlab.user: {why}"),
+            CmdlineError::BadVolume(why) => write!(f, "malformed vmlab.fs: {why}"),
         }
     }
 }
@@ -218,6 +235,58 @@ fn split_env(bytes: &[u8]) -> Result<Vec<(OsString, OsString)>, CmdlineError> {
         .collect()
 }
 
+/// Splits the NUL-joined `TAG, PATH, MODE` triples of `vmlab.fs` (MODE `ro`
+/// or `rw`). Nothing at all is no shares; anything else must be whole
+/// triples with a non-empty tag and an absolute path.
+fn split_volumes(bytes: &[u8]) -> Result<Vec<Volume>, CmdlineError> {
+    if bytes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let fields: Vec<&[u8]> = bytes.split(|&b| b == 0).collect();
+    if !fields.len().is_multiple_of(3) {
+        return Err(CmdlineError::BadVolume(format!(
+            "{} fields, not TAG, PATH, MODE triples",
+            fields.len()
+        )));
+    }
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    fields
+        .chunks_exact(3)
+        .map(|f| {
+            let (tag, path, mode) = (f[0], f[1], f[2]);
+            if tag.is_empty() {
+                return Err(CmdlineError::BadVolume(format!(
+                    "empty tag for path {:?}",
+                    text(path)
+                )));
+            }
+            if !path.starts_with(b"/") {
+                return Err(CmdlineError::BadVolume(format!(
+                    "path {:?} of share {:?} is not absolute",
+                    text(path),
+                    text(tag)
+                )));
+            }
+            let readonly = match mode {
+                b"ro" => true,
+                b"rw" => false,
+                _ => {
+                    return Err(CmdlineError::BadVolume(format!(
+                        "mode {:?} of share {:?} is not ro or rw",
+                        text(mode),
+                        text(tag)
+                    )))
+                }
+            };
+            Ok(Volume {
+                tag: OsString::from_vec(tag.to_vec()),
+                path: PathBuf::from(OsString::from_vec(path.to_vec())),
+                readonly,
+            })
+        })
+        .collect()
+}
+
 /// Parses the full contents of `/proc/cmdline`. Unknown parameters (the
 /// kernel's own, other modules') are ignored; when a setting is given twice
 /// the last one wins, as for kernel parameters.
@@ -266,6 +335,7 @@ fn apply(cfg: &mut Config, name: &[u8], value: Option<&[u8]>) -> Result<(), Cmdl
         b"quiet" => cfg.quiet = bool_param(&pname, value)?,
         b"agent" => cfg.agent = bool_param(&pname, value)?,
         b"env" => cfg.env = split_env(&hex_param(&pname, v)?)?,
+        b"fs" => cfg.volumes = split_volumes(&hex_param(&pname, v)?)?,
         b"workdir" => {
             let dir = hex_param(&pname, v)?;
             if dir.is_empty() || dir.contains(&0) {
@@ -431,6 +501,76 @@ mod tests {
             msg,
             "malformed vmlab.cmd: invalid hex digit 'z' at offset 0"
         );
+    }
+
+    #[test]
+    fn virtio_fs_shares() {
+        let fs = encode_hex(b"vol0\0/data\0rw\0vol1\0/srv/my app\0ro");
+        let cfg = parse(format!("vmlab=tty:0,fs:{fs},agent:1").as_bytes()).unwrap();
+        assert_eq!(
+            cfg.volumes,
+            vec![
+                Volume {
+                    tag: "vol0".into(),
+                    path: PathBuf::from("/data"),
+                    readonly: false,
+                },
+                Volume {
+                    tag: "vol1".into(),
+                    path: PathBuf::from("/srv/my app"),
+                    readonly: true,
+                },
+            ]
+        );
+        assert!(cfg.agent);
+        // The per-setting spelling, and non-UTF-8 bytes, work too.
+        let fs = encode_hex(b"t\0/mnt/\xff\0ro");
+        let cfg = parse(format!("vmlab.fs={fs}").as_bytes()).unwrap();
+        assert_eq!(
+            cfg.volumes[0].path,
+            PathBuf::from(OsString::from_vec(b"/mnt/\xff".to_vec()))
+        );
+        // None by default, and an empty value is none.
+        assert!(parse(b"vmlab=tty:0").unwrap().volumes.is_empty());
+        assert!(parse(b"vmlab=fs:").unwrap().volumes.is_empty());
+    }
+
+    #[test]
+    fn malformed_shares_are_errors() {
+        let err = |fields: &[u8]| {
+            parse(format!("vmlab=fs:{}", encode_hex(fields)).as_bytes())
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            err(b"vol0\0/data"),
+            "malformed vmlab.fs: 2 fields, not TAG, PATH, MODE triples"
+        );
+        // A trailing NUL is a fourth (empty) field.
+        assert_eq!(
+            err(b"vol0\0/data\0ro\0"),
+            "malformed vmlab.fs: 4 fields, not TAG, PATH, MODE triples"
+        );
+        assert_eq!(
+            err(b"\0/data\0ro"),
+            "malformed vmlab.fs: empty tag for path \"/data\""
+        );
+        assert_eq!(
+            err(b"vol0\0data\0ro"),
+            "malformed vmlab.fs: path \"data\" of share \"vol0\" is not absolute"
+        );
+        assert_eq!(
+            err(b"vol0\0\0ro"),
+            "malformed vmlab.fs: path \"\" of share \"vol0\" is not absolute"
+        );
+        assert_eq!(
+            err(b"vol0\0/data\0rw\0vol1\0/x\0RO"),
+            "malformed vmlab.fs: mode \"RO\" of share \"vol1\" is not ro or rw"
+        );
+        assert!(matches!(
+            parse(b"vmlab=fs:0"),
+            Err(CmdlineError::Hex { ref param, .. }) if param == "vmlab.fs"
+        ));
     }
 
     #[test]

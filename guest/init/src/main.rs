@@ -1,7 +1,7 @@
 //! `vmlab-init`: PID 1 of vmlab guests.
 //!
 //! It sets up the minimum a command expects (pseudo filesystems, console,
-//! hostname, loopback), runs the command the VMM put on the kernel command
+//! hostname, loopback, the virtio-fs shares it was given), runs the command the VMM put on the kernel command
 //! line (`vmlab.*` parameters, see [`cmdline`]), acts as the reaper of all
 //! orphans while it runs, and reports its exit status to the VMM through the
 //! vmlab status device (see [`status`]) before rebooting, which ends the VM.
@@ -13,7 +13,8 @@
 //!
 //! Exit statuses follow docker: the command's own status, 128+N if killed by
 //! signal N, 127 if it was not found (or the `vmlab.*` parameters are
-//! malformed), 126 if it could not be executed, 125 if init itself failed.
+//! malformed, or a virtio-fs share could not be mounted), 126 if it could
+//! not be executed, 125 if init itself failed.
 
 mod agent;
 mod cmdline;
@@ -49,7 +50,8 @@ static TEST_CHILDREN: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Status for init's own failures (docker's 125).
 pub const EXIT_INIT_FAILURE: u8 = 125;
-/// Status for malformed `vmlab.*` parameters (nothing could be run: 127).
+/// Status for malformed `vmlab.*` parameters, and for a virtio-fs share
+/// that cannot be mounted (nothing could be run: 127).
 const EXIT_BAD_CMDLINE: u8 = 127;
 
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -147,6 +149,19 @@ fn run(signals: &Signals, opts: &Options) -> Outcome {
     }
     if let Err(e) = console::set_mode(cfg.tty) {
         warning!("set console mode: {}", errno_text(&e));
+    }
+    // The shares first: the user's files (/etc/passwd), the working
+    // directory and the command itself may all live in one.
+    for v in &cfg.volumes {
+        if let Err(e) = mounts::mount_volume(v) {
+            error!(
+                "cannot mount virtio-fs share {} at {}: {}",
+                v.tag.to_string_lossy(),
+                v.path.display(),
+                errno_text(&e)
+            );
+            return Outcome::Exited(EXIT_BAD_CMDLINE);
+        }
     }
     let creds = match cfg.user.as_ref().map(resolve_user).transpose() {
         Ok(creds) => creds,
