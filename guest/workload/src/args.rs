@@ -39,6 +39,9 @@ pub enum ArgError {
     Required(&'static str),
     /// A bare word where only flags are accepted.
     Unexpected(String),
+    /// The operands of a subcommand that takes operands rather than flags
+    /// (`xattr`) are wrong; the text is its usage.
+    Operands(&'static str),
 }
 
 impl fmt::Display for ArgError {
@@ -55,6 +58,7 @@ impl fmt::Display for ArgError {
             }
             ArgError::Required(flag) => write!(f, "{flag} is required"),
             ArgError::Unexpected(word) => write!(f, "unexpected argument {word:?}"),
+            ArgError::Operands(usage) => write!(f, "usage: vmlab-workload {usage}"),
         }
     }
 }

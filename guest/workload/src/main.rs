@@ -2,9 +2,12 @@
 //!
 //! The same static binary runs on the host, in a container and as the
 //! command of a vmlab guest, so that each workload is measured the three
-//! ways with nothing else changing. Every subcommand prints exactly one line
+//! ways with nothing else changing. Every workload prints exactly one line
 //! of JSON on stdout and exits 0, or prints one `vmlab-workload: ...` line
 //! on stderr and exits 1 (the workload failed) or 2 (bad command line).
+//! One subcommand is a tool rather than a workload: `xattr` (set, get and
+//! list extended attributes, for the virtio-fs tests) prints plain text,
+//! with the same errors and exit statuses.
 //!
 //! It is kept small and free of dependencies but `libc` (hand-written
 //! argument parsing, JSON and SHA-256) because on this project's nested-KVM
@@ -24,6 +27,7 @@ mod start;
 mod testutil;
 mod transfer;
 mod vsock;
+mod xattr;
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -66,6 +70,12 @@ usage: vmlab-workload SUBCOMMAND [OPTIONS]
                                 net-recv over AF_VSOCK: listen on port P (default 7431) of any
                                 CID, read one connection to its end, print its SHA-256
 
+Not a workload, and no JSON (setxattr(2) and friends, following symlinks):
+
+  xattr set PATH NAME VALUE     set attribute NAME of PATH to the bytes of VALUE; prints nothing
+  xattr get PATH NAME           print the attribute's value and a newline
+  xattr list PATH               print the attribute names of PATH, one per line
+
   --help, --version
 
 Exit status: 0 success, 1 the workload failed, 2 bad command line.
@@ -78,6 +88,8 @@ enum Output {
     Json(String),
     /// Help or version text.
     Text(String),
+    /// A tool's output, printed as it is (`xattr get`'s value bytes).
+    Raw(Vec<u8>),
 }
 
 /// A subcommand: its accepted flags and the function that runs it.
@@ -112,6 +124,8 @@ fn dispatch(argv: &[OsString]) -> Result<Output, Error> {
                 env!("CARGO_PKG_VERSION")
             )))
         }
+        "xattr" if xattr::wants_help(rest) => return Ok(Output::Text(USAGE.to_string())),
+        "xattr" => return xattr::run(rest).map(Output::Raw),
         _ => {}
     }
     let (spec, run) =
@@ -130,6 +144,7 @@ fn main() {
     let written = match &result {
         Ok(Output::Json(line)) => writeln!(stdout, "{line}"),
         Ok(Output::Text(text)) => write!(stdout, "{text}"),
+        Ok(Output::Raw(bytes)) => stdout.write_all(bytes),
         Err(_) => Ok(()),
     }
     .and_then(|()| stdout.flush());
@@ -171,6 +186,8 @@ mod tests {
             &["cpu", "--mib"],
             &["cpu", "--mib", "lots"],
             &["start", "extra"],
+            &["xattr"],
+            &["xattr", "get", "/"],
         ] {
             let e = d(bad).unwrap_err();
             assert_eq!(e.exit_status(), error::EXIT_USAGE, "{bad:?}: {e}");
@@ -197,5 +214,6 @@ mod tests {
         assert!(
             matches!(d(&["start"]), Ok(Output::Json(l)) if l.starts_with(r#"{"workload":"start""#))
         );
+        assert!(matches!(d(&["xattr", "--help"]), Ok(Output::Text(t)) if t.contains("xattr get")));
     }
 }

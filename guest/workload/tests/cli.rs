@@ -1,6 +1,6 @@
 //! The built binary, as scripts use it: one JSON line on stdout, exit
-//! statuses, one-line errors, and a net-server/net-client pair over
-//! loopback.
+//! statuses, one-line errors, a net-server/net-client pair over loopback,
+//! and the `xattr` tool's plain output.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -113,6 +113,55 @@ fn errors_are_one_line_with_a_status() {
     assert!(String::from_utf8(out.stdout)
         .unwrap()
         .starts_with("vmlab-workload "));
+}
+
+#[test]
+fn xattr_set_get_list() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = scratch_dir("xattr");
+    let file = dir.join("f");
+    std::fs::write(&file, b"").unwrap();
+    let f = file.to_str().unwrap();
+    // The value's bytes as given, not UTF-8 and with a newline.
+    let value = std::ffi::OsStr::from_bytes(b"x\xff\ny");
+    let out = Command::new(BIN)
+        .args(["xattr", "set", f, "user.vmlab"])
+        .arg(value)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout.is_empty());
+    let out = run(&["xattr", "get", f, "user.vmlab"]);
+    assert!(out.status.success());
+    assert_eq!(out.stdout, b"x\xff\ny\n");
+    let out = run(&["xattr", "list", f]);
+    assert!(out.status.success());
+    let listed = String::from_utf8(out.stdout).unwrap();
+    assert!(listed.lines().any(|l| l == "user.vmlab"), "{listed:?}");
+    for (args, status, text) in [
+        (
+            &["xattr", "get", f, "user.missing"][..],
+            1,
+            "No data available",
+        ),
+        (&["xattr", "list", "/nonexistent-vmlab"], 1, "No such file"),
+        (&["xattr", "get", f], 2, "usage: vmlab-workload xattr set"),
+    ] {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(status), "{args:?}");
+        assert!(out.stdout.is_empty());
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(
+            err.starts_with("vmlab-workload: ") && err.contains(text),
+            "{err}"
+        );
+        assert_eq!(err.matches('\n').count(), 1, "{err:?}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
