@@ -350,6 +350,19 @@ pub struct RunArgs {
     /// socket= out).
     #[arg(long, value_name = "SPEC", value_parser = parse_vsock)]
     pub vsock: Option<VsockArg>,
+    /// Share a host directory with the guest over virtio-fs:
+    /// `HOST_DIR:GUEST_PATH[:ro]`. Repeatable. vmlab starts one virtiofsd
+    /// per volume (scripts/build-virtiofsd.sh installs it) and the guest
+    /// init mounts it at GUEST_PATH before the command starts; `:ro`
+    /// refuses the guest's writes.
+    #[arg(long, value_name = "HOST:GUEST[:ro]", value_parser = crate::volumes::parse_volume)]
+    pub volume: Vec<crate::volumes::VolumeArg>,
+    /// Attach an already running vhost-user-fs daemon:
+    /// `tag=TAG,socket=PATH[,path=GUEST_PATH]`. Repeatable. With path=,
+    /// the guest init mounts it there; without, the guest mounts it
+    /// itself (`mount -t virtiofs TAG DIR`).
+    #[arg(long, value_name = "SPEC", value_parser = parse_fs)]
+    pub fs: Vec<FsArg>,
     /// Print the time from vmlab's start to the first KVM_RUN and to the
     /// guest init being up (stderr).
     #[arg(long)]
@@ -508,6 +521,45 @@ impl VsockArg {
             socket,
         })
     }
+}
+
+/// `--fs`: a running vhost-user-fs backend, and where the guest mounts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsArg {
+    /// The device.
+    pub config: crate::devices::virtio::fs::FsConfig,
+    /// Where the guest init mounts it, if anywhere.
+    pub path: Option<String>,
+}
+
+/// Parses `tag=TAG,socket=PATH[,path=GUEST_PATH]`.
+pub fn parse_fs(s: &str) -> Result<FsArg, String> {
+    let (mut tag, mut socket, mut path) = (None, None, None);
+    for part in s.split(',') {
+        let Some((key, value)) = part.split_once('=') else {
+            return Err(format!("'{part}' in --fs {s}: expected key=value"));
+        };
+        match key {
+            "tag" => {
+                crate::devices::virtio::fs::validate_tag(value)?;
+                tag = Some(value.to_string());
+            }
+            "socket" if !value.is_empty() => socket = Some(PathBuf::from(value)),
+            "socket" => return Err("--fs socket=: the path is empty".into()),
+            "path" => {
+                let v = crate::volumes::parse_volume(&format!("/:{value}"))
+                    .map_err(|e| e.replace("--volume /:", "--fs path="))?;
+                path = Some(v.guest);
+            }
+            _ => return Err(format!("unknown --fs option '{key}' (tag, socket, path)")),
+        }
+    }
+    let tag = tag.ok_or_else(|| format!("--fs {s}: tag=TAG is required"))?;
+    let socket = socket.ok_or_else(|| format!("--fs {s}: socket=PATH is required"))?;
+    Ok(FsArg {
+        config: crate::devices::virtio::fs::FsConfig { tag, socket },
+        path,
+    })
 }
 
 /// Parses `cid=N[,socket=PATH]`.

@@ -22,6 +22,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::arch::layout;
 use crate::devices::bus::{self, Bus};
 use crate::devices::virtio::block::{BlockBackend, SERIAL_LEN};
+use crate::devices::virtio::fs::{Fs, FsConfig, FsHandle};
 use crate::devices::virtio::net::NetBackend;
 use crate::devices::virtio::{
     self, kernel_cmdline_device, Block, BlockConfig, BlockHandle, DeviceThread, MacAddr,
@@ -112,6 +113,7 @@ pub struct DeviceManager {
     disks: Vec<BlockHandle>,
     nets: Vec<NetHandle>,
     vsocks: Vec<VsockHandle>,
+    fs: Vec<FsHandle>,
     threads: Vec<DeviceThread>,
 }
 
@@ -134,6 +136,7 @@ impl DeviceManager {
             disks: Vec::new(),
             nets: Vec::new(),
             vsocks: Vec::new(),
+            fs: Vec::new(),
             threads: Vec::new(),
         })
     }
@@ -219,6 +222,24 @@ impl DeviceManager {
         Ok(&self.vsocks[self.vsocks.len() - 1])
     }
 
+    /// Connects to the vhost-user-fs backend of `config` and attaches a
+    /// virtio-fs device for it. Guest memory must be a memfd mapping.
+    pub fn attach_fs(&mut self, vm: &dyn Wiring, config: &FsConfig) -> Result<&FsHandle> {
+        let fs = Fs::connect(config, &self.mem).map_err(|e| Error::Device(e.into()))?;
+        let handle = fs.handle();
+        let thread = fs.thread().clone();
+        let slot = self.attach_virtio(vm, Box::new(fs), thread)?;
+        log::debug!(
+            "virtio-fs: tag {:?} at {:#x} (irq {}), backend {}",
+            handle.tag(),
+            slot.base,
+            slot.gsi,
+            handle.socket().display()
+        );
+        self.fs.push(handle);
+        Ok(&self.fs[self.fs.len() - 1])
+    }
+
     /// Gives `device` the next MMIO window and interrupt line, wires its
     /// eventfds into KVM, puts it on the bus and on the command line.
     fn attach_virtio(
@@ -281,6 +302,11 @@ impl DeviceManager {
     /// The network devices, in attach order.
     pub fn nets(&self) -> &[NetHandle] {
         &self.nets
+    }
+
+    /// The virtio-fs devices, in attach order.
+    pub fn fs(&self) -> &[FsHandle] {
+        &self.fs
     }
 
     /// The vsock devices (at most one per VM from the command line).

@@ -46,6 +46,7 @@ pub mod trace;
 pub mod untrusted;
 pub mod vcpu;
 pub mod vm;
+pub mod volumes;
 
 /// virtio-vsock: the device, and [`vsock::connect`] for host programs.
 pub use devices::virtio::vsock;

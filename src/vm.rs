@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
@@ -35,6 +35,7 @@ use crate::devices::serial::{
     ConsoleTail, ConsoleWriter, SerialDevice, COM1_BASE, COM1_IRQ, COM1_LEN,
 };
 use crate::devices::status::{StatusDevice, STATUS_PORT_BASE, STATUS_PORT_LEN};
+use crate::devices::virtio::fs::FsConfig;
 use crate::devices::virtio::{BlockConfig, NetConfig};
 use crate::devices::{bus, Bus};
 use crate::host::HostKind;
@@ -109,6 +110,9 @@ pub struct VmConfig {
     /// A virtio-vsock device (`--vsock`): the guest's CID and the host
     /// socket.
     pub vsock: Option<VsockConfig>,
+    /// virtio-fs devices, each on a running vhost-user backend (`--fs`,
+    /// and the virtiofsd vmlab starts for each `--volume`).
+    pub fs: Vec<FsConfig>,
     /// Sample the guest's RIP at this interval (`--profile-guest`); the
     /// samples come back in the run report's statistics.
     pub profile_period: Option<Duration>,
@@ -250,7 +254,8 @@ impl Vm {
         // grace period, which is quick on a fresh VM but throttled (several
         // ms, most of the time to the first KVM_RUN) once the irqchip and
         // PIT have just registered their devices and waited for their own.
-        let mem = create_memory(config.mem_size)?;
+        // Shared (a memfd) when a vhost-user backend must map it too.
+        let mem = create_memory(config.mem_size, !config.fs.is_empty())?;
         // The kernel and initrd go into it on a thread of their own while
         // the rest of the machine is set up; joined before the boot
         // structures are written.
@@ -305,6 +310,9 @@ impl Vm {
         // Last, so that adding a vsock device moves no disk or interface.
         if let Some(vsock) = &config.vsock {
             devices.attach_vsock(&vm_fd, vsock)?;
+        }
+        for fs in &config.fs {
+            devices.attach_fs(&vm_fd, fs)?;
         }
         let mut device_cmdline = devices.cmdline_entries().to_vec();
         // Without an initramfs the first disk is the root filesystem.
@@ -632,15 +640,31 @@ fn validate(config: &VmConfig) -> Result<()> {
     Ok(())
 }
 
-fn create_memory(mem_size: u64) -> Result<GuestMemoryMmap> {
+fn create_memory(mem_size: u64, shared: bool) -> Result<GuestMemoryMmap> {
     let ranges: Vec<(GuestAddress, usize)> = ram_regions(mem_size)
         .into_iter()
         .map(|(start, size)| (GuestAddress(start), size as usize))
         .collect();
-    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::Memory {
+    let mem_err = |reason: String| Error::Memory {
         mib: mem_size >> 20,
-        reason: e.to_string(),
-    })?;
+        reason,
+    };
+    let mem = if shared {
+        // A vhost-user backend (virtiofsd) maps guest RAM itself: every
+        // region is a piece of one memfd, mapped MAP_SHARED.
+        let file = memfd("vmlab-guest-ram", mem_size).map_err(|e| mem_err(e.to_string()))?;
+        let mut offset = 0u64;
+        let mut with_files = Vec::with_capacity(ranges.len());
+        for &(start, size) in &ranges {
+            let dup = file.try_clone().map_err(|e| mem_err(e.to_string()))?;
+            with_files.push((start, size, Some(FileOffset::new(dup, offset))));
+            offset += size as u64;
+        }
+        GuestMemoryMmap::from_ranges_with_files(&with_files)
+            .map_err(|e| mem_err(e.to_string()))?
+    } else {
+        GuestMemoryMmap::from_ranges(&ranges).map_err(|e| mem_err(e.to_string()))?
+    };
     for region in mem.iter() {
         // Transparent huge pages for guest RAM, as QEMU asks for: loading
         // the kernel (4 times faster) and running the guest take far fewer
@@ -663,6 +687,21 @@ fn create_memory(mem_size: u64) -> Result<GuestMemoryMmap> {
         }
     }
     Ok(mem)
+}
+
+/// An anonymous shared-memory file of `size` bytes (close-on-exec).
+fn memfd(name: &str, size: u64) -> std::io::Result<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    let name = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
+    // SAFETY: `name` is a NUL-terminated string that outlives the call.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: memfd_create returned a new fd that nothing else owns.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(size)?;
+    Ok(file)
 }
 
 fn register_memory(vm_fd: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {

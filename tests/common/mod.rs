@@ -81,9 +81,15 @@ pub fn guest_release() -> String {
 }
 
 /// The vmlab binary under test.
+/// The vmlab binary under test, with the virtiofsd scripts/build-guest.sh
+/// installs (target/guest/virtiofsd) for `--volume`.
 pub fn vmlab() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmlab"));
     cmd.stdin(Stdio::null());
+    let virtiofsd = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/guest/virtiofsd");
+    if std::env::var_os("VMLAB_VIRTIOFSD").is_none() && virtiofsd.exists() {
+        cmd.env("VMLAB_VIRTIOFSD", virtiofsd);
+    }
     cmd
 }
 

@@ -65,6 +65,7 @@ macro_rules! device_counters {
 
 pub mod block;
 pub mod device;
+pub mod fs;
 pub mod mmio;
 pub mod net;
 pub mod queue;
@@ -341,6 +342,9 @@ pub enum Error {
     /// The device's thread could not be started.
     #[error(transparent)]
     Thread(#[from] thread::Error),
+    /// The virtio-fs backend could not be used.
+    #[error(transparent)]
+    VhostUser(#[from] fs::VhostUserError),
     /// An eventfd could not be created or duplicated.
     #[error("virtio device {what}: {source}")]
     EventFd {
