@@ -13,7 +13,7 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use crate::cli::{RunArgs, VsockArg};
-use crate::cmdline::InitParams;
+use crate::cmdline::{GuestVolume, InitParams};
 use crate::devices::console::ConsoleSink;
 use crate::devices::virtio::BlockConfig;
 use crate::host::HostKind;
@@ -23,6 +23,7 @@ use crate::raw::{CpuMode, RawImage};
 use crate::terminal::RawMode;
 use crate::trace::Tracer;
 use crate::vm::{Payload, RunReport, Vm, VmConfig};
+use crate::volumes::Shares;
 use crate::vsock::VsockConfig;
 
 /// Exit status for vmlab's own failures (bad input, KVM errors), as
@@ -53,6 +54,10 @@ pub enum Error {
     /// A named VM's state directory or its guest agent.
     #[error(transparent)]
     Instance(#[from] crate::instances::Error),
+    /// A `--volume` or `--fs` that cannot be used (a missing host
+    /// directory, virtiofsd not installed or not starting).
+    #[error("{0}")]
+    Volume(String),
 }
 
 impl Error {
@@ -169,6 +174,7 @@ pub fn vm_config(
         disks,
         nets: args.net,
         vsock,
+        fs: Vec::new(),
         profile_period: args.profile_guest.as_ref().map(|_| PROFILE_PERIOD),
         trace: None,
     })
@@ -227,6 +233,10 @@ pub fn run(
             host.cmdline_quirks().join(" ")
         );
     }
+    let mut args = args;
+    // The virtiofsd of each --volume; lives until the VM is done, and
+    // stops them (and removes their sockets) on every way out of here.
+    let mut shares = start_shares(&mut args, owner)?;
     // Lives until the VM is done: dropping it removes the run's disk.
     let image = match &args.image {
         Some(path) => Some(crate::image::prepare_vm(path, &args.command)?),
@@ -247,8 +257,21 @@ pub fn run(
         ),
         None => None,
     };
+    let fs_args = std::mem::take(&mut args.fs);
     let mut config = vm_config(args, host, image.as_ref(), streams, owner.map(|o| &o.paths))?;
     config.trace = tracer.as_ref().and_then(Tracer::sender);
+    config.fs = shares.devices();
+    config.init.volumes = shares.guest_volumes().to_vec();
+    for f in fs_args {
+        if let Some(path) = f.path {
+            config.init.volumes.push(GuestVolume {
+                tag: f.config.tag.clone(),
+                path,
+                readonly: false,
+            });
+        }
+        config.fs.push(f.config);
+    }
     let sink = ConsoleSink::stdout().map_err(|source| crate::vm::Error::Host {
         what: "duplicating stdout for the console",
         source,
@@ -300,8 +323,60 @@ pub fn run(
     if let Some(msg) = report.outcome.failure_message() {
         eprintln!("vmlab: {msg}");
     }
+    for line in shares.failures() {
+        eprintln!("vmlab: {line}");
+    }
+    shares.stop();
     log::debug!("outcome: {:?}", report.outcome);
     Ok(u8::try_from(report.outcome.exit_code()).unwrap_or(EXIT_VMLAB_ERROR))
+}
+
+/// Checks `--volume` and `--fs` (taking the volumes out of `args`) and
+/// starts a virtiofsd per volume, its socket in the named VM's state
+/// directory or in a directory of this run's under the state root.
+fn start_shares(args: &mut RunArgs, owner: Option<&Owner>) -> Result<Shares, Error> {
+    let volumes = std::mem::take(&mut args.volume);
+    crate::volumes::validate(&volumes).map_err(Error::Volume)?;
+    let mut paths: Vec<&str> = volumes.iter().map(|v| v.guest.as_str()).collect();
+    let mut tags: Vec<&str> = Vec::new();
+    for f in &args.fs {
+        if let Some(path) = &f.path {
+            if paths.contains(&path.as_str()) {
+                return Err(Error::Usage(format!(
+                    "--fs tag={}: {path} is already the mount point of another share",
+                    f.config.tag
+                )));
+            }
+            paths.push(path);
+        }
+        if tags.contains(&f.config.tag.as_str()) || f.config.tag.starts_with("vmlab") {
+            return Err(Error::Usage(format!(
+                "--fs tag={}: the tag is used twice, or starts with 'vmlab' (the tags of \
+                 --volume shares)",
+                f.config.tag
+            )));
+        }
+        tags.push(&f.config.tag);
+        if !f.config.socket.exists() {
+            return Err(Error::Volume(format!(
+                "--fs tag={}: {}: no such socket (is the daemon running?)",
+                f.config.tag,
+                f.config.socket.display()
+            )));
+        }
+    }
+    if volumes.is_empty() {
+        return Ok(Shares::start(&[], std::path::Path::new("/"), false).map_err(Error::Volume)?);
+    }
+    let (dir, own) = match owner {
+        Some(o) => (o.paths.dir.clone(), false),
+        None => {
+            let runs = crate::named::state_root(None).join(".run");
+            crate::volumes::clean_stale(&runs);
+            (runs.join(std::process::id().to_string()), true)
+        }
+    };
+    Shares::start(&volumes, &dir, own).map_err(Error::Volume)
 }
 
 /// Waits for the exit trace's last line and says on stderr if it is not
