@@ -366,7 +366,7 @@ fn start_shares(args: &mut RunArgs, owner: Option<&Owner>) -> Result<Shares, Err
         }
     }
     if volumes.is_empty() {
-        return Ok(Shares::start(&[], std::path::Path::new("/"), false).map_err(Error::Volume)?);
+        return Shares::start(&[], std::path::Path::new("/"), false).map_err(Error::Volume);
     }
     let (dir, own) = match owner {
         Some(o) => (o.paths.dir.clone(), false),

@@ -660,8 +660,7 @@ fn create_memory(mem_size: u64, shared: bool) -> Result<GuestMemoryMmap> {
             with_files.push((start, size, Some(FileOffset::new(dup, offset))));
             offset += size as u64;
         }
-        GuestMemoryMmap::from_ranges_with_files(&with_files)
-            .map_err(|e| mem_err(e.to_string()))?
+        GuestMemoryMmap::from_ranges_with_files(&with_files).map_err(|e| mem_err(e.to_string()))?
     } else {
         GuestMemoryMmap::from_ranges(&ranges).map_err(|e| mem_err(e.to_string()))?
     };
@@ -741,6 +740,7 @@ mod tests {
             disks: Vec::new(),
             nets: Vec::new(),
             vsock: None,
+            fs: Vec::new(),
             profile_period: None,
             trace: None,
         }

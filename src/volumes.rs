@@ -49,11 +49,7 @@ pub fn parse_volume(s: &str) -> Result<VolumeArg, String> {
         [host, guest] => (*host, *guest, false),
         [host, guest, "ro"] => (*host, *guest, true),
         [host, guest, "rw"] => (*host, *guest, false),
-        [_, _, mode] => {
-            return Err(format!(
-                "--volume {s}: unknown mode '{mode}' (ro or rw)"
-            ))
-        }
+        [_, _, mode] => return Err(format!("--volume {s}: unknown mode '{mode}' (ro or rw)")),
         _ => return Err(format!("--volume {s}: expected HOST_DIR:GUEST_PATH[:ro]")),
     };
     if host.is_empty() {
@@ -103,12 +99,7 @@ pub fn validate(volumes: &[VolumeArg]) -> Result<(), String> {
     for (i, v) in volumes.iter().enumerate() {
         match fs::metadata(&v.host) {
             Ok(m) if m.is_dir() => {}
-            Ok(_) => {
-                return Err(format!(
-                    "--volume {}: not a directory",
-                    v.host.display()
-                ))
-            }
+            Ok(_) => return Err(format!("--volume {}: not a directory", v.host.display())),
             Err(e) => return Err(format!("--volume {}: {e}", v.host.display())),
         }
         if let Some(other) = volumes[..i].iter().find(|o| o.guest == v.guest) {
@@ -136,7 +127,11 @@ pub fn locate_virtiofsd() -> Result<PathBuf, String> {
         ));
     }
     let on_path = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).map(|d| d.join("virtiofsd")).collect::<Vec<_>>())
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("virtiofsd"))
+                .collect::<Vec<_>>()
+        })
         .unwrap_or_default();
     on_path
         .into_iter()
@@ -241,7 +236,7 @@ impl Shares {
         &self.guest
     }
 
-    /// One line per daemon that ended while the VM ran.
+    /// One line per daemon that failed (a non-zero status or a signal).
     pub fn failures(&mut self) -> Vec<String> {
         let mut out = Vec::new();
         for d in &mut self.daemons {
@@ -250,7 +245,9 @@ impl Shares {
                     d.ended = Some(status);
                 }
             }
-            if let Some(status) = d.ended {
+            // A daemon exits 0 once vmlab's side of its socket closes at
+            // the end of the run; anything else is a failure.
+            if let Some(status) = d.ended.filter(|s| !s.success()) {
                 out.push(format!(
                     "virtiofsd for {} (tag {}) ended during the run ({}); the guest's I/O on it \
                      failed with EIO from then on",
@@ -355,11 +352,17 @@ fn spawn(bin: &Path, v: &VolumeArg, socket: &Path) -> Result<Child, String> {
         cmd.arg("--readonly");
     }
     // SAFETY: the closure runs in the child between fork and exec and
-    // calls only prctl and getppid, both async-signal-safe.
+    // calls only prctl, setpgid and getppid, all async-signal-safe.
     unsafe {
         cmd.pre_exec(|| {
             // If vmlab dies, even by SIGKILL, the kernel kills the daemon.
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // Its own process group: a Ctrl-C or a signal to vmlab's
+            // group must not stop the daemon before vmlab has stopped
+            // the guest (vmlab stops it last).
+            if libc::setpgid(0, 0) != 0 {
                 return Err(io::Error::last_os_error());
             }
             // vmlab died between fork and prctl.
@@ -425,7 +428,9 @@ mod tests {
         assert_eq!(parse_volume("/a:/b//c/").unwrap().guest, "/b/c");
         assert!(parse_volume("/a:b").unwrap_err().contains("not absolute"));
         assert!(parse_volume("/a:/").unwrap_err().contains("guest's /"));
-        assert!(parse_volume("/a:/b:rx").unwrap_err().contains("unknown mode"));
+        assert!(parse_volume("/a:/b:rx")
+            .unwrap_err()
+            .contains("unknown mode"));
         assert!(parse_volume("/a").unwrap_err().contains("expected"));
         assert!(parse_volume(":/b").unwrap_err().contains("empty"));
         assert!(parse_volume("/a:/b/../c").unwrap_err().contains(".."));

@@ -751,3 +751,58 @@ fn detach_failure_cleans_up() {
     assert!(!state.join("bad").exists(), "state left behind");
     let _ = std::fs::remove_dir_all(&state);
 }
+
+#[test]
+fn volume_errors() {
+    let dir = scratch("vol-dir");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = scratch("vol-file");
+    std::fs::write(&file, b"x").unwrap();
+    let kernel = guest_dir().join("vmlinux");
+    let k = s(&kernel);
+    let d = s(&dir);
+    for (volumes, needle) in [
+        (
+            vec![format!("{d}/missing:/data")],
+            "No such file or directory",
+        ),
+        (vec![format!("{}:/data", s(&file))], "not a directory"),
+        (vec![format!("{d}:data")], "not absolute"),
+        (vec![format!("{d}:/data:rx")], "unknown mode"),
+        (
+            vec![format!("{d}:/data"), format!("{d}:/data/")],
+            "both mounted on /data",
+        ),
+    ] {
+        let mut args = vec!["run", "--kernel", k];
+        for v in &volumes {
+            args.extend(["--volume", v]);
+        }
+        fails_with(&args, needle);
+    }
+    // virtiofsd not installed.
+    let mut cmd = vmlab();
+    cmd.env_remove("VMLAB_VIRTIOFSD")
+        .env("PATH", "/nonexistent")
+        .args(["run", "--kernel", k, "--volume", &format!("{d}:/data")]);
+    let run = run_with_deadline(cmd, LIMIT);
+    if std::path::Path::new("/usr/libexec/virtiofsd").exists()
+        || std::path::Path::new("/usr/lib/qemu/virtiofsd").exists()
+    {
+        eprintln!("skipped: the 'virtiofsd not installed' check (a system virtiofsd exists)");
+    } else {
+        assert_ne!(run.code(), Some(0), "{}", run.dump());
+        run.assert_stderr(true, "virtiofsd, which is not installed");
+        assert_eq!(run.stderr.lines().count(), 1, "{}", run.dump());
+    }
+    // --fs: a tag twice, a socket that is not there.
+    fails_with(
+        &["run", "--kernel", k, "--fs", "tag=a,socket=/nonexistent/s"],
+        "no such socket",
+    );
+    fails_with(&["run", "--kernel", k, "--fs", "socket=/s"], "tag=TAG is required");
+    fails_with(
+        &["run", "--kernel", k, "--fs", &format!("tag={},socket=/s", "t".repeat(37))],
+        "at most 36",
+    );
+}

@@ -175,7 +175,13 @@ impl Guest {
     }
 
     /// Waits for vmlab to exit (bounded); its exit code and stderr.
-    pub fn finish(mut self, limit: Duration) -> (Option<i32>, String) {
+    pub fn finish(self, limit: Duration) -> (Option<i32>, String) {
+        let (code, _, stderr) = self.finish_with_lines(limit);
+        (code, stderr)
+    }
+
+    /// [`finish`](Self::finish), with every stdout line seen.
+    pub fn finish_with_lines(mut self, limit: Duration) -> (Option<i32>, Vec<String>, String) {
         let deadline = Instant::now() + limit;
         let status = loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
@@ -197,7 +203,7 @@ impl Guest {
         let stderr = std::mem::replace(&mut self.stderr, std::thread::spawn(String::new));
         let stderr = stderr.join().unwrap_or_default();
         super::assert_host_workarounds(&stderr);
-        (status.code(), stderr)
+        (status.code(), std::mem::take(&mut self.seen), stderr)
     }
 }
 

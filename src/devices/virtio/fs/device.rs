@@ -27,8 +27,7 @@ use crate::devices::virtio::device::{Activation, Device, DeviceModel};
 use crate::devices::virtio::queue::{ChainError, VirtQueue, Work, QUEUE_BUDGET};
 use crate::devices::virtio::thread::{self, DeviceWorker, EpollSet};
 use crate::devices::virtio::{
-    feature, ActivateError, DeviceQueue, Interrupt, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX,
+    feature, ActivateError, DeviceQueue, Interrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 
 /// virtio-fs's device ID (virtio 1.2, 5.11).
@@ -76,8 +75,8 @@ impl Device<FsModel> {
         let backend = Backend::connect(&config.socket, NUM_QUEUES, mem)?;
         // Indirect descriptors are not offered: vmlab must be able to read
         // every chain itself if it has to answer for a dead backend.
-        let features = backend.features()
-            & (feature(VIRTIO_F_VERSION_1) | feature(VIRTIO_RING_F_EVENT_IDX));
+        let features =
+            backend.features() & (feature(VIRTIO_F_VERSION_1) | feature(VIRTIO_RING_F_EVENT_IDX));
         let mut config_space = vec![0u8; MAX_TAG_LEN + 4];
         config_space[..config.tag.len()].copy_from_slice(config.tag.as_bytes());
         // num_request_queues
@@ -285,7 +284,10 @@ impl Worker {
             match served {
                 Ok(w) => work = work.or(w),
                 Err(broken) => {
-                    log::warn!("virtio-fs {:?}: {broken}; the device needs a reset", self.tag);
+                    log::warn!(
+                        "virtio-fs {:?}: {broken}; the device needs a reset",
+                        self.tag
+                    );
                     self.interrupt.signal_needs_reset();
                     self.served.clear();
                     return Work::Done;
@@ -321,7 +323,10 @@ fn fail_request(mem: &GuestMemoryMmap, chain: Result<&[Descriptor], ChainError>)
     let Ok(descs) = chain else {
         return 0;
     };
-    let Some(request) = descs.first().filter(|d| !d.is_write_only() && d.len() >= 16) else {
+    let Some(request) = descs
+        .first()
+        .filter(|d| !d.is_write_only() && d.len() >= 16)
+    else {
         return 0;
     };
     let Some(reply) = descs
@@ -345,4 +350,3 @@ fn fail_request(mem: &GuestMemoryMmap, chain: Result<&[Descriptor], ChainError>)
         Err(_) => 0,
     }
 }
-

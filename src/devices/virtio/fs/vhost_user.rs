@@ -103,7 +103,7 @@ impl Backend {
         }
         let regions = mem
             .iter()
-            .map(|region| VhostUserMemoryRegionInfo::from_guest_region(region))
+            .map(VhostUserMemoryRegionInfo::from_guest_region)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| VhostUserError {
                 socket: name.clone(),
