@@ -40,6 +40,11 @@ pub struct InitParams {
     /// virtio-fs shares the init mounts before the command (or the shell,
     /// or the agent) starts, in this order.
     pub volumes: Vec<GuestVolume>,
+    /// The virtio-fs tag of the share that is the guest's root file system
+    /// (`--root-device fs`): the init mounts it read-only with a per-run
+    /// tmpfs layer over it (overlayfs) and switches root there, before it
+    /// mounts `volumes`. `None`: the root is the initramfs or the disk.
+    pub root_fs: Option<String>,
 }
 
 /// A virtio-fs share as the guest init mounts it.
@@ -71,9 +76,10 @@ fn nul_joined(items: &[String]) -> Vec<u8> {
 }
 
 /// The parameters for the guest init: `quiet` when a command runs, and one
-/// word `vmlab=tty:N[,quiet:1][,cmd:HEX][,env:HEX][,workdir:HEX][,user:HEX][,agent:1][,fs:HEX]`
+/// word `vmlab=tty:N[,quiet:1][,cmd:HEX][,env:HEX][,workdir:HEX][,user:HEX][,agent:1][,fs:HEX][,root:HEX]`
 /// (guest/init/src/cmdline.rs). `fs` is the NUL-joined list
-/// `TAG\0PATH\0MODE` of each volume in turn, MODE `ro` or `rw`. One word rather than one per setting: the
+/// `TAG\0PATH\0MODE` of each volume in turn, MODE `ro` or `rw`; `root` is
+/// the tag of the root share. One word rather than one per setting: the
 /// guest kernel compares every word of its command line with each of its
 /// parameter names several times while it boots, which on a nested-KVM
 /// host costs about 0.1 s per word (docs/BOOT.md).
@@ -109,6 +115,9 @@ pub fn init_params(init: &InitParams) -> Vec<String> {
             })
             .collect();
         items.push(format!("fs:{}", hex(&nul_joined(&fields))));
+    }
+    if let Some(tag) = &init.root_fs {
+        items.push(format!("root:{}", hex(tag.as_bytes())));
     }
     out.push(format!("vmlab={}", items.join(",")));
     out
@@ -207,6 +216,36 @@ mod tests {
             init_params(&InitParams::default()),
             vec!["vmlab=tty:0".to_string()]
         );
+    }
+
+    #[test]
+    fn root_share_is_hex_of_its_tag_after_the_volumes() {
+        let p = init_params(&InitParams {
+            root_fs: Some("vmlab-root".into()),
+            volumes: vec![GuestVolume {
+                tag: "t".into(),
+                path: "/t".into(),
+                readonly: false,
+            }],
+            ..Default::default()
+        });
+        assert_eq!(
+            p,
+            vec![format!(
+                "vmlab=tty:0,fs:{},root:{}",
+                hex(b"t\0/t\0rw"),
+                hex(b"vmlab-root")
+            )]
+        );
+        assert_eq!(
+            init_params(&InitParams {
+                root_fs: Some("r".into()),
+                ..Default::default()
+            }),
+            vec!["vmlab=tty:0,root:72".to_string()]
+        );
+        // None: no root item.
+        assert!(!init_params(&InitParams::default())[0].contains("root:"));
     }
 
     #[test]
