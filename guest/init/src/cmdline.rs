@@ -37,6 +37,10 @@ pub struct Config {
     pub agent: bool,
     /// virtio-fs shares to mount before anything runs, in order.
     pub volumes: Vec<Volume>,
+    /// The virtio-fs tag of the share that becomes the root file system
+    /// (read-only, with a tmpfs layer over it), before `volumes` are
+    /// mounted. `None`: the root stays what the kernel booted.
+    pub root_fs: Option<String>,
 }
 
 /// A virtio-fs share: `mount -t virtiofs TAG PATH [-o ro]`.
@@ -61,6 +65,7 @@ impl Default for Config {
             quiet: false,
             agent: false,
             volumes: Vec::new(),
+            root_fs: None,
         }
     }
 }
@@ -104,6 +109,8 @@ pub enum CmdlineError {
     BadUser(String),
     /// `vmlab.fs` is not a list of `TAG, PATH, ro|rw` triples; says why.
     BadVolume(String),
+    /// `vmlab.root` is not a usable virtio-fs tag; says why.
+    BadRoot(String),
 }
 
 impl fmt::Display for CmdlineError {
@@ -119,6 +126,7 @@ impl fmt::Display for CmdlineError {
             }
             CmdlineError::BadUser(why) => write!(f, "malformed vmlab.user: {why}"),
             CmdlineError::BadVolume(why) => write!(f, "malformed vmlab.fs: {why}"),
+            CmdlineError::BadRoot(why) => write!(f, "malformed vmlab.root: {why}"),
         }
     }
 }
@@ -287,6 +295,26 @@ fn split_volumes(bytes: &[u8]) -> Result<Vec<Volume>, CmdlineError> {
         .collect()
 }
 
+/// The tag of `vmlab.root`: not empty, and a C string (it is the mount's
+/// source). virtio-fs tags are UTF-8 (virtio spec, 5.11.4).
+fn root_tag(bytes: Vec<u8>) -> Result<String, CmdlineError> {
+    if bytes.is_empty() {
+        return Err(CmdlineError::BadRoot("empty tag".to_string()));
+    }
+    if bytes.contains(&0) {
+        return Err(CmdlineError::BadRoot(format!(
+            "tag {:?} contains a NUL byte",
+            String::from_utf8_lossy(&bytes)
+        )));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        CmdlineError::BadRoot(format!(
+            "tag {:?} is not UTF-8",
+            String::from_utf8_lossy(e.as_bytes())
+        ))
+    })
+}
+
 /// Parses the full contents of `/proc/cmdline`. Unknown parameters (the
 /// kernel's own, other modules') are ignored; when a setting is given twice
 /// the last one wins, as for kernel parameters.
@@ -336,6 +364,7 @@ fn apply(cfg: &mut Config, name: &[u8], value: Option<&[u8]>) -> Result<(), Cmdl
         b"agent" => cfg.agent = bool_param(&pname, value)?,
         b"env" => cfg.env = split_env(&hex_param(&pname, v)?)?,
         b"fs" => cfg.volumes = split_volumes(&hex_param(&pname, v)?)?,
+        b"root" => cfg.root_fs = Some(root_tag(hex_param(&pname, v)?)?),
         b"workdir" => {
             let dir = hex_param(&pname, v)?;
             if dir.is_empty() || dir.contains(&0) {
@@ -570,6 +599,39 @@ mod tests {
         assert!(matches!(
             parse(b"vmlab=fs:0"),
             Err(CmdlineError::Hex { ref param, .. }) if param == "vmlab.fs"
+        ));
+    }
+
+    #[test]
+    fn root_share() {
+        let root = encode_hex(b"vmlab-root");
+        let fs = encode_hex(b"vol0\0/data\0rw");
+        let cfg = parse(format!("vmlab=tty:0,fs:{fs},root:{root}").as_bytes()).unwrap();
+        assert_eq!(cfg.root_fs.as_deref(), Some("vmlab-root"));
+        assert_eq!(cfg.volumes.len(), 1);
+        // The per-setting spelling works too; none by default.
+        let cfg = parse(format!("vmlab.root={root}").as_bytes()).unwrap();
+        assert_eq!(cfg.root_fs.as_deref(), Some("vmlab-root"));
+        assert_eq!(parse(b"vmlab=tty:0").unwrap().root_fs, None);
+    }
+
+    #[test]
+    fn malformed_root_shares_are_errors() {
+        let err = |line: &str| parse(line.as_bytes()).unwrap_err().to_string();
+        assert_eq!(err("vmlab=root:"), "malformed vmlab.root: empty tag");
+        assert_eq!(err("vmlab=root"), "malformed vmlab.root: empty tag");
+        assert_eq!(err("vmlab.root="), "malformed vmlab.root: empty tag");
+        assert_eq!(
+            err(&format!("vmlab=root:{}", encode_hex(b"a\0b"))),
+            "malformed vmlab.root: tag \"a\\0b\" contains a NUL byte"
+        );
+        assert_eq!(
+            err(&format!("vmlab=root:{}", encode_hex(b"r\xff"))),
+            "malformed vmlab.root: tag \"r\u{fffd}\" is not UTF-8"
+        );
+        assert!(matches!(
+            parse(b"vmlab=root:7"),
+            Err(CmdlineError::Hex { ref param, .. }) if param == "vmlab.root"
         ));
     }
 
