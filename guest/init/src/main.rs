@@ -1,9 +1,10 @@
 //! `vmlab-init`: PID 1 of vmlab guests.
 //!
 //! It sets up the minimum a command expects (pseudo filesystems, console,
-//! hostname, loopback, the virtio-fs shares it was given), runs the command the VMM put on the kernel command
-//! line (`vmlab.*` parameters, see [`cmdline`]), acts as the reaper of all
-//! orphans while it runs, and reports its exit status to the VMM through the
+//! hostname, loopback, the root and the virtio-fs shares it was given),
+//! runs the command the VMM put on the kernel command line (`vmlab.*`
+//! parameters, see [`cmdline`]), acts as the reaper of all orphans while it
+//! runs, and reports its exit status to the VMM through the
 //! vmlab status device (see [`status`]) before rebooting, which ends the VM.
 //!
 //! It is a single static binary with no shell in the boot path because in
@@ -13,8 +14,8 @@
 //!
 //! Exit statuses follow docker: the command's own status, 128+N if killed by
 //! signal N, 127 if it was not found (or the `vmlab.*` parameters are
-//! malformed, or a virtio-fs share could not be mounted), 126 if it could
-//! not be executed, 125 if init itself failed.
+//! malformed, or a virtio-fs share could not be mounted or made the root),
+//! 126 if it could not be executed, 125 if init itself failed.
 
 mod agent;
 mod cmdline;
@@ -51,7 +52,7 @@ static TEST_CHILDREN: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// Status for init's own failures (docker's 125).
 pub const EXIT_INIT_FAILURE: u8 = 125;
 /// Status for malformed `vmlab.*` parameters, and for a virtio-fs share
-/// that cannot be mounted (nothing could be run: 127).
+/// that cannot be mounted or made the root (nothing could be run: 127).
 const EXIT_BAD_CMDLINE: u8 = 127;
 
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -121,8 +122,9 @@ fn read_cmdline() -> io::Result<Vec<u8>> {
 }
 
 /// Steps 2 to 5: parse the parameters, prepare and run the command. Returns
-/// how it ended; every failure is reported on the console here.
-fn run(signals: &Signals, opts: &Options) -> Outcome {
+/// how it ended; every failure is reported on the console here. `mounted`:
+/// the top-level pseudo file systems, which go along if the root changes.
+fn run(signals: &Signals, opts: &Options, mounted: &[&std::ffi::CStr]) -> Outcome {
     let raw = match read_cmdline() {
         Ok(raw) => raw,
         Err(e) => {
@@ -150,8 +152,15 @@ fn run(signals: &Signals, opts: &Options) -> Outcome {
     if let Err(e) = console::set_mode(cfg.tty) {
         warning!("set console mode: {}", errno_text(&e));
     }
-    // The shares first: the user's files (/etc/passwd), the working
-    // directory and the command itself may all live in one.
+    // The root first, then the shares (whose mount points may be created
+    // in the root's writable layer): the user's files (/etc/passwd), the
+    // working directory and the command itself may all live in them.
+    if let Some(tag) = &cfg.root_fs {
+        if let Err(e) = mounts::switch_root(tag, mounted) {
+            error!("cannot use virtio-fs share {tag} as the root: {e}");
+            return Outcome::Exited(EXIT_BAD_CMDLINE);
+        }
+    }
     for v in &cfg.volumes {
         if let Err(e) = mounts::mount_volume(v) {
             error!(
@@ -282,20 +291,23 @@ fn main() {
     }
     // First, so that a shutdown request sent early is queued, not lost.
     let signals = Signals::block();
-    if let Err(e) = mounts::mount_dev() {
-        warning!("mount devtmpfs on /dev: {}", errno_text(&e));
+    // The top-level pseudo file systems that are mounted.
+    let mut mounted = Vec::new();
+    match mounts::mount_dev() {
+        Ok(()) => mounted.push(mounts::DEV),
+        Err(e) => warning!("mount devtmpfs on /dev: {}", errno_text(&e)),
     }
     let port = StatusPort::open();
     port.event(Event::Up);
     install_panic_hook();
 
-    mounts::mount_rest();
+    mounts::mount_rest(&mut mounted);
     mounts::set_hostname(HOSTNAME);
     mounts::loopback_up();
 
     let opts = Options::default();
     let outcome = match &signals {
-        Ok(signals) => run(signals, &opts),
+        Ok(signals) => run(signals, &opts, &mounted),
         Err(e) => {
             error!("block signals: {}", errno_text(e));
             Outcome::Exited(EXIT_INIT_FAILURE)

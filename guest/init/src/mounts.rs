@@ -1,4 +1,5 @@
 //! The early system setup PID 1 owes its command: pseudo filesystems, the
+//! root of `vmlab.root` (a virtio-fs share with a tmpfs layer over it), the
 //! virtio-fs shares of `vmlab.fs`, a hostname and a working loopback
 //! interface.
 //!
@@ -9,6 +10,7 @@
 //! devtmpfs).
 
 use std::ffi::{CStr, CString};
+use std::fmt;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -120,28 +122,40 @@ fn mkdir(path: &CStr) -> io::Result<()> {
     }
 }
 
-fn do_mount(m: &Mount) -> io::Result<()> {
-    // SAFETY: all pointers are valid C strings; data is a C string as the
-    // filesystems used here expect.
+/// mount(2); `None` is NULL. `data` is a C string, as the file systems
+/// used here expect.
+fn sys_mount(
+    source: &CStr,
+    target: &CStr,
+    fstype: Option<&CStr>,
+    flags: libc::c_ulong,
+    data: Option<&CStr>,
+) -> io::Result<()> {
+    let ptr = |s: Option<&CStr>| s.map_or(std::ptr::null(), CStr::as_ptr);
+    // SAFETY: every pointer is NULL or a valid C string.
     let rc = unsafe {
         libc::mount(
-            m.source.as_ptr(),
-            m.target.as_ptr(),
-            m.fstype.as_ptr(),
-            m.flags,
-            m.data.as_ptr().cast(),
+            source.as_ptr(),
+            target.as_ptr(),
+            ptr(fstype),
+            flags,
+            ptr(data).cast(),
         )
     };
     if rc == 0 {
-        return Ok(());
-    }
-    let err = last_err();
-    // EBUSY: already mounted there (e.g. devtmpfs mounted by the kernel when
-    // booting from a disk with CONFIG_DEVTMPFS_MOUNT). That is what we want.
-    if err.raw_os_error() == Some(libc::EBUSY) {
         Ok(())
     } else {
-        Err(err)
+        Err(last_err())
+    }
+}
+
+fn do_mount(m: &Mount) -> io::Result<()> {
+    match sys_mount(m.source, m.target, Some(m.fstype), m.flags, Some(m.data)) {
+        // EBUSY: already mounted there (e.g. devtmpfs mounted by the kernel
+        // when booting from a disk with CONFIG_DEVTMPFS_MOUNT). That is what
+        // we want.
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(()),
+        other => other,
     }
 }
 
@@ -159,12 +173,15 @@ fn mount(m: &Mount) -> io::Result<()> {
     }
 }
 
-/// Mounts devtmpfs on `/dev`. Done first and alone, because the status port
-/// (`/dev/port`) and the console node live there.
+/// The mount point of devtmpfs.
+pub const DEV: &CStr = c"/dev";
+
+/// Mounts devtmpfs on [`DEV`]. Done first and alone, because the status
+/// port (`/dev/port`) and the console node live there.
 pub fn mount_dev() -> io::Result<()> {
     mount(&Mount {
         source: c"devtmpfs",
-        target: c"/dev",
+        target: DEV,
         fstype: c"devtmpfs",
         flags: NOSUID,
         data: c"mode=0755",
@@ -174,10 +191,16 @@ pub fn mount_dev() -> io::Result<()> {
 }
 
 /// Mounts everything else and creates the usual `/dev` symlinks. Failures
-/// are warnings: a command may well run without, say, sysfs.
-pub fn mount_rest() {
+/// are warnings: a command may well run without, say, sysfs. Adds the
+/// top-level mount points that are mounted to `mounted` (for
+/// [`switch_root`]; a nested one such as `/dev/pts` goes with its parent).
+pub fn mount_rest(mounted: &mut Vec<&'static CStr>) {
     for m in MOUNTS {
-        if let Err(e) = mount(m) {
+        let result = mount(m);
+        if result.is_ok() && !m.target.to_bytes()[1..].contains(&b'/') {
+            mounted.push(m.target);
+        }
+        if let Err(e) = result {
             let missing = matches!(e.raw_os_error(), Some(libc::ENODEV | libc::ENOENT));
             if !(m.optional && missing) {
                 warning!(
@@ -211,28 +234,12 @@ pub fn mount_rest() {
 /// parents, only when the mount says it is missing. The error is the
 /// mount's, or the mount point's creation (`create the mount point: ...`).
 pub fn mount_volume(v: &Volume) -> io::Result<()> {
-    let c =
-        |bytes: &[u8]| CString::new(bytes).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL));
-    let tag = c(v.tag.as_bytes())?;
-    let path = c(v.path.as_os_str().as_bytes())?;
+    let tag = c_string(v.tag.as_bytes())?;
+    let path = c_string(v.path.as_os_str().as_bytes())?;
     let flags = if v.readonly { libc::MS_RDONLY } else { 0 };
+    // virtiofs takes no data: NULL.
     mount_creating(&v.path, || {
-        // SAFETY: all strings are valid C strings; virtiofs takes no data,
-        // so NULL is passed for it.
-        let rc = unsafe {
-            libc::mount(
-                tag.as_ptr(),
-                path.as_ptr(),
-                c"virtiofs".as_ptr(),
-                flags,
-                std::ptr::null(),
-            )
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(last_err())
-        }
+        sys_mount(&tag, &path, Some(c"virtiofs"), flags, None)
     })
 }
 
@@ -251,6 +258,146 @@ fn mount_creating(target: &Path, mut mount: impl FnMut() -> io::Result<()>) -> i
             mount()
         }
         other => other,
+    }
+}
+
+/// Where [`switch_root`] builds the new root, in the initramfs: the share
+/// (read-only), the tmpfs with the overlay's upper and work directories,
+/// and the overlay of the two.
+const LOWER: &CStr = c"/.vmlab/lower";
+const RW: &CStr = c"/.vmlab/rw";
+const UPPER: &CStr = c"/.vmlab/rw/upper";
+const WORK: &CStr = c"/.vmlab/rw/work";
+const NEW_ROOT: &CStr = c"/.vmlab/root";
+const OVERLAY_OPTIONS: &CStr =
+    c"lowerdir=/.vmlab/lower,upperdir=/.vmlab/rw/upper,workdir=/.vmlab/rw/work";
+
+/// A step of [`switch_root`] that failed: `STEP: ERRNO-TEXT`.
+#[derive(Debug)]
+pub struct StepError {
+    pub step: String,
+    pub err: io::Error,
+}
+
+impl fmt::Display for StepError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.step, errno_text(&self.err))
+    }
+}
+
+/// Names the step of a result.
+fn step<T>(step: impl Into<String>, result: io::Result<T>) -> Result<T, StepError> {
+    result.map_err(|err| StepError {
+        step: step.into(),
+        err,
+    })
+}
+
+/// Makes the virtio-fs share `tag`, read-only, with a tmpfs over it for the
+/// writes (overlayfs), the root file system, and moves the pseudo file
+/// systems of `mounted` (top-level mount points) into it. Called on the
+/// initramfs root, whose rootfs is writable; init keeps running from memory,
+/// so the share need not contain it. About 16 system calls.
+pub fn switch_root(tag: &str, mounted: &[&CStr]) -> Result<(), StepError> {
+    let tag = step("the tag", c_string(tag.as_bytes()))?;
+    // The image, read-only.
+    step("create /.vmlab/lower", mkdir_parents(LOWER))?;
+    step(
+        "mount virtiofs on /.vmlab/lower",
+        sys_mount(&tag, LOWER, Some(c"virtiofs"), libc::MS_RDONLY, None),
+    )?;
+    // The run's writes.
+    step("create /.vmlab/rw", mkdir_parents(RW))?;
+    step(
+        "mount tmpfs on /.vmlab/rw",
+        sys_mount(c"tmpfs", RW, Some(c"tmpfs"), 0, Some(c"mode=755")),
+    )?;
+    step("create /.vmlab/rw/upper", mkdir(UPPER))?;
+    step("create /.vmlab/rw/work", mkdir(WORK))?;
+    // The two as one.
+    step("create /.vmlab/root", mkdir_parents(NEW_ROOT))?;
+    step(
+        "mount overlay on /.vmlab/root",
+        sys_mount(
+            c"overlay",
+            NEW_ROOT,
+            Some(c"overlay"),
+            0,
+            Some(OVERLAY_OPTIONS),
+        ),
+    )?;
+    // /dev, /proc, ... go along (/dev/pts with /dev).
+    for fs in mounted {
+        move_into_new_root(fs)?;
+    }
+    // Make it `/`, as switch_root(8) does (pivot_root cannot take rootfs
+    // away).
+    step("chdir /.vmlab/root", chdir(NEW_ROOT))?;
+    step(
+        "move /.vmlab/root to /",
+        sys_mount(c".", c"/", None, libc::MS_MOVE, None),
+    )?;
+    step("chroot", chroot(c"."))?;
+    step("chdir /", chdir(c"/"))
+}
+
+/// Moves the mount at `fs` (and those under it) to the same path in
+/// [`NEW_ROOT`], creating the mount point there only when the move says it
+/// is missing (images usually have /dev, /proc, ...).
+fn move_into_new_root(fs: &CStr) -> Result<(), StepError> {
+    let mut target = NEW_ROOT.to_bytes().to_vec();
+    target.extend_from_slice(fs.to_bytes());
+    let target = CString::new(target).expect("no NUL in either part");
+    let what = || {
+        format!(
+            "move {} to {}",
+            fs.to_string_lossy(),
+            target.to_string_lossy()
+        )
+    };
+    let move_it = || sys_mount(fs, &target, None, libc::MS_MOVE, None);
+    match move_it() {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+            step(
+                format!("create {}", target.to_string_lossy()),
+                mkdir(&target),
+            )?;
+            step(what(), move_it())
+        }
+        other => step(what(), other),
+    }
+}
+
+fn c_string(bytes: &[u8]) -> io::Result<CString> {
+    CString::new(bytes).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// Creates the directory `path` (an existing one is fine); its parents only
+/// when mkdir says they are missing.
+fn mkdir_parents(path: &CStr) -> io::Result<()> {
+    match mkdir(path) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+            std::fs::create_dir_all(std::ffi::OsStr::from_bytes(path.to_bytes()))
+        }
+        other => other,
+    }
+}
+
+fn chdir(path: &CStr) -> io::Result<()> {
+    // SAFETY: valid C string.
+    if unsafe { libc::chdir(path.as_ptr()) } == 0 {
+        Ok(())
+    } else {
+        Err(last_err())
+    }
+}
+
+fn chroot(path: &CStr) -> io::Result<()> {
+    // SAFETY: valid C string.
+    if unsafe { libc::chroot(path.as_ptr()) } == 0 {
+        Ok(())
+    } else {
+        Err(last_err())
     }
 }
 
