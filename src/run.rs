@@ -12,7 +12,7 @@
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use crate::cli::{RunArgs, VsockArg};
+use crate::cli::{RootDevice, RunArgs, VsockArg};
 use crate::cmdline::{GuestVolume, InitParams};
 use crate::devices::console::ConsoleSink;
 use crate::devices::virtio::BlockConfig;
@@ -236,12 +236,22 @@ pub fn run(
     let mut args = args;
     // The virtiofsd of each --volume; lives until the VM is done, and
     // stops them (and removes their sockets) on every way out of here.
-    let mut shares = start_shares(&mut args, owner)?;
-    // Lives until the VM is done: dropping it removes the run's disk.
-    let image = match &args.image {
-        Some(path) => Some(crate::image::prepare_vm(path, &args.command)?),
-        None => None,
+    // --image --root-device fs: the image's cached directory, shared.
+    let fs_image = match (&args.image, args.root_device) {
+        (Some(path), RootDevice::Fs) => Some(crate::image::prepare_vm_fs(path, &args.command)?),
+        _ => None,
     };
+    let mut shares = start_shares(&mut args, owner, fs_image.as_ref().map(|i| &*i.rootfs))?;
+    // Lives until the VM is done: dropping it removes the run's disk.
+    let image = match (&args.image, &fs_image) {
+        (Some(path), None) => Some(crate::image::prepare_vm(path, &args.command)?),
+        _ => None,
+    };
+    if let Some(i) = &fs_image {
+        args.initrd = Some(i.initrd.clone());
+        // No disk: the image's own directory is the root.
+        args.image = None;
+    }
     let (boot_time, stats, profile) = (args.boot_time, args.stats, args.profile_guest.clone());
     let trace_path = args.trace_exits.clone();
     let tracer = match &trace_path {
@@ -262,6 +272,13 @@ pub fn run(
     config.trace = tracer.as_ref().and_then(Tracer::sender);
     config.fs = shares.devices();
     config.init.volumes = shares.guest_volumes().to_vec();
+    if let Some(i) = &fs_image {
+        config.init.command = Some(i.argv.clone());
+        config.init.env = i.config.env.clone();
+        config.init.workdir = Some(i.config.working_dir().to_string());
+        config.init.user = i.config.user.clone();
+        config.init.root_fs = Some(crate::volumes::ROOT_TAG.to_string());
+    }
     for f in fs_args {
         if let Some(path) = f.path {
             config.init.volumes.push(GuestVolume {
@@ -334,7 +351,11 @@ pub fn run(
 /// Checks `--volume` and `--fs` (taking the volumes out of `args`) and
 /// starts a virtiofsd per volume, its socket in the named VM's state
 /// directory or in a directory of this run's under the state root.
-fn start_shares(args: &mut RunArgs, owner: Option<&Owner>) -> Result<Shares, Error> {
+fn start_shares(
+    args: &mut RunArgs,
+    owner: Option<&Owner>,
+    root: Option<&std::path::Path>,
+) -> Result<Shares, Error> {
     let volumes = std::mem::take(&mut args.volume);
     crate::volumes::validate(&volumes).map_err(Error::Volume)?;
     let mut paths: Vec<&str> = volumes.iter().map(|v| v.guest.as_str()).collect();
@@ -365,7 +386,7 @@ fn start_shares(args: &mut RunArgs, owner: Option<&Owner>) -> Result<Shares, Err
             )));
         }
     }
-    if volumes.is_empty() {
+    if volumes.is_empty() && root.is_none() {
         return Shares::start(&[], std::path::Path::new("/"), false).map_err(Error::Volume);
     }
     let (dir, own) = match owner {
@@ -376,7 +397,7 @@ fn start_shares(args: &mut RunArgs, owner: Option<&Owner>) -> Result<Shares, Err
             (runs.join(std::process::id().to_string()), true)
         }
     };
-    Shares::start(&volumes, &dir, own).map_err(Error::Volume)
+    Shares::start_with_root(root, &volumes, &dir, own).map_err(Error::Volume)
 }
 
 /// Waits for the exit trace's last line and says on stderr if it is not

@@ -173,6 +173,9 @@ pub struct Shares {
     own_dir: bool,
 }
 
+/// The tag of an image's root share.
+pub const ROOT_TAG: &str = "vmlabroot";
+
 /// The pid file in a run directory: the vmlab that owns it.
 const OWNER_FILE: &str = "vmlab.pid";
 
@@ -181,13 +184,25 @@ impl Shares {
     /// `own_dir`: removed again at the end). Returns once every socket
     /// exists.
     pub fn start(volumes: &[VolumeArg], dir: &Path, own_dir: bool) -> Result<Shares, String> {
+        Shares::start_with_root(None, volumes, dir, own_dir)
+    }
+
+    /// [`start`](Self::start), plus (first) a read-only share of `root`
+    /// tagged [`ROOT_TAG`]: an image's root file system, which the guest
+    /// init switches root to.
+    pub fn start_with_root(
+        root: Option<&Path>,
+        volumes: &[VolumeArg],
+        dir: &Path,
+        own_dir: bool,
+    ) -> Result<Shares, String> {
         let mut shares = Shares {
             dir: dir.to_path_buf(),
             daemons: Vec::new(),
             guest: Vec::new(),
             own_dir,
         };
-        if volumes.is_empty() {
+        if volumes.is_empty() && root.is_none() {
             return Ok(shares);
         }
         let bin = locate_virtiofsd()?;
@@ -195,6 +210,23 @@ impl Shares {
         if own_dir {
             fs::write(dir.join(OWNER_FILE), std::process::id().to_string())
                 .map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        if let Some(root) = root {
+            let v = VolumeArg {
+                host: root.to_path_buf(),
+                guest: "/".into(),
+                readonly: true,
+            };
+            let socket = dir.join("root.sock");
+            let _ = fs::remove_file(&socket);
+            let child = spawn(&bin, &v, &socket)?;
+            shares.daemons.push(Daemon {
+                child,
+                host: v.host,
+                tag: ROOT_TAG.into(),
+                socket,
+                ended: None,
+            });
         }
         for (i, v) in volumes.iter().enumerate() {
             let tag = format!("vmlab{i}");

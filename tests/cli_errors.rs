@@ -800,9 +800,18 @@ fn volume_errors() {
         &["run", "--kernel", k, "--fs", "tag=a,socket=/nonexistent/s"],
         "no such socket",
     );
-    fails_with(&["run", "--kernel", k, "--fs", "socket=/s"], "tag=TAG is required");
     fails_with(
-        &["run", "--kernel", k, "--fs", &format!("tag={},socket=/s", "t".repeat(37))],
+        &["run", "--kernel", k, "--fs", "socket=/s"],
+        "tag=TAG is required",
+    );
+    fails_with(
+        &[
+            "run",
+            "--kernel",
+            k,
+            "--fs",
+            &format!("tag={},socket=/s", "t".repeat(37)),
+        ],
         "at most 36",
     );
 }

@@ -437,3 +437,48 @@ fn no_virtiofsd_outlives_vmlab() {
     assert_no_run_dirs(&state);
     let _ = std::fs::remove_dir_all(&base);
 }
+
+/// `--image --root-device fs`: the image's cached directory is the root,
+/// read-only under a tmpfs layer: the guest writes where the image lets
+/// its user write, and neither the cached tree nor the cache directory
+/// gets anything of the run (no per-run copy).
+#[test]
+fn image_root_over_virtio_fs_without_a_copy() {
+    let image = guest_dir().join("sample-image");
+    let (rootfs, _) = vmlab::image::prepare_rootfs_dir(&image).expect("the sample image");
+    let cache = rootfs.parent().unwrap().parent().unwrap().to_path_buf();
+    let tree_before = listing(&rootfs);
+    let cache_before = listing(&cache);
+    let state = scratch("image").join("state");
+    let mut cmd = vmlab();
+    cmd.env("VMLAB_STATE_DIR", &state)
+        .args(["run", "--kernel"])
+        .arg(guest_dir().join("vmlinux"))
+        .arg("--image")
+        .arg(&image)
+        .args(["--root-device", "fs", "--"])
+        .args([
+            "sh",
+            "-c",
+            "echo ROOT=$(grep ' / ' /proc/mounts | cut -d' ' -f3); \
+             echo USER=$(id -u):$(id -g); echo CWD=$(pwd); \
+             echo new > new.txt && echo WRITE=$(cat new.txt); \
+             echo README=$(cat README); echo VIRTIO=$(ls /sys/bus/virtio/devices | wc -l)",
+        ]);
+    let run = run_guest(cmd, BOOT_LIMIT);
+    assert_eq!(run.code(), Some(0), "{}", run.dump());
+    assert_eq!(value(&run, "ROOT"), "overlay", "{}", run.dump());
+    assert_eq!(value(&run, "USER"), "1000:1000");
+    assert_eq!(value(&run, "CWD"), "/work");
+    assert_eq!(value(&run, "WRITE"), "new");
+    assert_eq!(value(&run, "README"), "the image's working directory");
+    // The root share only: no disk.
+    assert_eq!(value(&run, "VIRTIO"), "1");
+    assert_eq!(listing(&rootfs), tree_before, "the cached image changed");
+    assert_eq!(
+        listing(&cache),
+        cache_before,
+        "the run left files in the image cache"
+    );
+    assert_no_run_dirs(&state);
+}

@@ -142,6 +142,12 @@ pub fn prepare_ext4_in(
 }
 
 /// The 16 hex digits after `algorithm:`.
+/// The short digest of an init binary that names the artifacts built
+/// with it.
+pub(crate) fn init_digest(init: &Path) -> Result<String, Error> {
+    Ok(short(&file_digest(init)?).to_string())
+}
+
 fn short(digest: &str) -> &str {
     let hex = digest.split_once(':').map_or(digest, |(_, h)| h);
     hex.get(..16).unwrap_or(hex)

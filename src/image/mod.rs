@@ -16,6 +16,7 @@ mod config;
 mod digest;
 mod ext4;
 mod init;
+mod initrd;
 pub mod layers;
 mod oci;
 #[cfg(test)]
@@ -188,6 +189,43 @@ pub struct VmImage {
     pub argv: Vec<String>,
     /// The image's configuration.
     pub config: ImageConfig,
+}
+
+/// `vmlab run --image --root-device fs`: the image's cached root file
+/// system (shared read-only over virtio-fs; nothing is copied), the
+/// initramfs with vmlab's init that switches root to it, and what the
+/// init must run.
+pub struct FsImage {
+    /// The image's root file system directory (shared, read-only).
+    pub rootfs: PathBuf,
+    /// The initramfs to boot.
+    pub initrd: PathBuf,
+    /// The argument vector: entrypoint + (command or Cmd).
+    pub argv: Vec<String>,
+    /// The image's configuration.
+    pub config: ImageConfig,
+}
+
+/// Prepares `image` for a VM whose root is the image's directory over
+/// virtio-fs, running `command` (empty: the image's Cmd).
+pub fn prepare_vm_fs(image: &Path, command: &[String]) -> Result<FsImage, Error> {
+    let cache = cache_root()?;
+    let prepared = cache::prepare(image, &cache)?;
+    let argv = prepared.config.process_args(command);
+    if argv.is_empty() {
+        return Err(Error::NoCommand {
+            image: image.to_path_buf(),
+        });
+    }
+    let init = find_init()?;
+    let digest = cache::init_digest(&init)?;
+    let initrd = initrd::fs_root_initrd(&init, &cache, &digest)?;
+    Ok(FsImage {
+        rootfs: prepared.rootfs,
+        initrd,
+        argv,
+        config: prepared.config,
+    })
 }
 
 /// Prepares `image` for a VM boot running `command` (empty: the image's
