@@ -437,7 +437,8 @@ def markdown(report):
     lines = [
         f"Host: {h['cpu']}, {h['cores']} cores, Linux {h['kernel']}, {h['kvm']}; load average "
         f"{report['load_before']} at the start, {report['load_after']} at the end.",
-        f"Run: {report['date']}, vmlab {report['vmlab_commit'] or '?'} (`{report['vmlab_binary']}`), "
+        f"Run: {report['date']}, vmlab {report['vmlab_commit'] or '?'} (`{report['vmlab_binary']}`, "
+        f"built {report['vmlab_built']}), "
         f"{report['qemu'] or 'no QEMU'}, {report['runc'] or 'no runc'}; {a['runs']} interleaved "
         f"run(s), {report['duration_s'] / 60:.1f} min in all.",
         f"Phases: write {a['mib']} MiB (dd bs=1M conv=fsync), read it back (dd bs=1M), create, stat "
@@ -569,6 +570,7 @@ def main():
         "args": {"runs": args.runs, "mib": args.mib, "files": args.files, "timeout": args.timeout},
         "load_before": load_before, "load_after": loadavg(), "duration_s": time.monotonic() - began,
         "vmlab_commit": git_describe(), "vmlab_binary": os.path.relpath(args.vmlab, REPO),
+        "vmlab_built": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(os.stat(args.vmlab).st_mtime)),
         "qemu": tool_version([bench.qemu_bin, "--version"]) if bench.qemu_bin else None,
         "runc": tool_version([bench.runc, "--version"]) if bench.runc else None,
         "memory_mib": bench.memory_mib, "cpus": bench.cpus, "shell_host": " ".join(bench.shell),
