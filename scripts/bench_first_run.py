@@ -26,26 +26,29 @@ sys.path.insert(0, SCRIPTS)
 from bench import TAP, boot_time_marks, entered, net_unavailable, vm_network  # noqa: E402
 
 
+def stop_once_running(argv, wait=0.5, tries=20, env=None):
+    """Runs vmlab `argv` and sends it SIGTERM every `wait` s until it ends
+    (vmlab takes SIGTERM, and then prints its --boot-time marks, once its
+    vCPUs run; one that comes earlier ends it without them). Its stderr."""
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    for _ in range(tries):
+        time.sleep(wait)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.communicate(timeout=wait)[1]
+        except subprocess.TimeoutExpired:
+            continue
+    proc.kill()
+    return proc.communicate()[1]
+
+
 def first_kvm_run_ms(vmlab, ns, memory=None, wait=0.5):
     argv = [vmlab, "-q", "run", "--kernel", os.path.join(REPO, "target/guest/vmlinux"),
             "--disk", f"path={os.path.join(REPO, 'target/guest/rootfs.ext4')},readonly=on",
             "--boot-time"] + (["--memory", memory] if memory else []) + (["--net", f"tap={TAP}"] if ns else []) + ["--", "true"]
     with entered(ns):
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
-        # vmlab takes SIGTERM (and then prints its marks) once its vCPUs run;
-        # a SIGTERM that comes earlier ends it without them: try again later.
-        for _ in range(20):
-            time.sleep(wait)
-            proc.send_signal(signal.SIGTERM)
-            try:
-                _, err = proc.communicate(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        else:
-            proc.kill()
-            _, err = proc.communicate()
+        err = stop_once_running(argv, wait)
     first, _ = boot_time_marks(err)
     if first is None:
         raise RuntimeError(f"{vmlab} printed no --boot-time marks:\n{err[-2000:]}")

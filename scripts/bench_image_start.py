@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,7 @@ SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(SCRIPTS)
 sys.path.insert(0, SCRIPTS)
 from bench import boot_time_marks  # noqa: E402
+from bench_first_run import stop_once_running  # noqa: E402
 import sample_image  # noqa: E402
 
 GUEST = os.path.join(REPO, "target/guest")
@@ -50,20 +50,7 @@ def big_image(out):
 def first_kvm_run_ms(vmlab, image, root, env, wait=0.3):
     argv = [vmlab, "run", "--kernel", os.path.join(GUEST, "vmlinux"), "--image", image,
             "--root-device", root, "--boot-time", "--", "true"]
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=env)
-    err = ""
-    for _ in range(100):
-        time.sleep(wait)
-        proc.send_signal(signal.SIGTERM)
-        try:
-            _, err = proc.communicate(timeout=wait)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    else:
-        proc.kill()
-        _, err = proc.communicate()
+    err = stop_once_running(argv, wait, tries=100, env=env)
     first, _ = boot_time_marks(err)
     if first is None:
         raise RuntimeError(f"{' '.join(argv)}: no --boot-time marks:\n{err[-2000:]}")
