@@ -5,8 +5,8 @@
 //!   must be an existing directory, the guest path absolute, and no two
 //!   volumes may share a guest path.
 //! - [`locate_virtiofsd`]: `$VMLAB_VIRTIOFSD`, then `virtiofsd` on `PATH`,
-//!   then the distributions' places (`/usr/libexec/virtiofsd`,
-//!   `/usr/lib/qemu/virtiofsd`). scripts/build-virtiofsd.sh installs it.
+//!   then `/usr/libexec/virtiofsd` (the distributions' Rust virtiofsd;
+//!   not QEMU's old C one). scripts/build-virtiofsd.sh installs it.
 //! - [`Shares`]: the run's daemons. Each listens on a socket in the run's
 //!   directory (a named VM's state directory, else
 //!   `<state root>/.run/<vmlab pid>`), runs with `--sandbox chroot` (one
@@ -136,9 +136,10 @@ pub fn locate_virtiofsd() -> Result<PathBuf, String> {
     on_path
         .into_iter()
         .chain(
-            ["/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd"]
-                .into_iter()
-                .map(PathBuf::from),
+            // Where Debian's and Fedora's virtiofsd packages (the Rust
+            // virtiofsd) put it. Not /usr/lib/qemu/virtiofsd: that is
+            // QEMU's old C daemon, whose options differ.
+            std::iter::once(PathBuf::from("/usr/libexec/virtiofsd")),
         )
         .find(|p| is_executable(p))
         .ok_or_else(|| {
