@@ -69,7 +69,7 @@ SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(SCRIPTS)
 sys.path.insert(0, SCRIPTS)
 from bench_block import fresh_image, parse_json_line  # noqa: E402
-from bench_boot import cpu_seconds, host_description, overhead_kib, run_until  # noqa: E402
+from bench_boot import cpu_seconds, host_description, overhead_kib, run_until, write_report  # noqa: E402,F401
 
 try:
     import bench_net  # noqa: E402  (scripts/bench_net.py: the virtio-net work, issue 4)

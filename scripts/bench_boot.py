@@ -30,6 +30,19 @@ CLEARCPUID = ("noxsave mitigations=off clearcpuid=popcnt,cx16,smap,smep,rdpid,in
               "pcid,pku,rdtscp,movbe,bmi1,bmi2,abm,rdrand,rdseed,erms,fsrm,avx,avx2,avx512f")
 
 
+def write_report(report, md, json_path=None, markdown_path=None):
+    """A benchmark's outputs: the report as JSON and its markdown table
+    where asked, and the table on stdout."""
+    if json_path:
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+        with open(json_path, "w") as f:
+            json.dump(report, f, indent=2)
+    if markdown_path:
+        with open(markdown_path, "w") as f:
+            f.write(md)
+    print(md)
+
+
 def host_description():
     cpu = "unknown CPU"
     try:

@@ -73,7 +73,7 @@ import time
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(SCRIPTS)
 sys.path.insert(0, SCRIPTS)
-from bench import git_describe, loadavg, qemu_cmdline, tool_version, vmlab_cmdline, vmlab_defaults  # noqa: E402
+from bench import git_describe, write_report, loadavg, qemu_cmdline, tool_version, vmlab_cmdline, vmlab_defaults  # noqa: E402
 from bench_boot import host_description  # noqa: E402
 
 GUEST = os.path.join(REPO, "target/guest")
@@ -579,14 +579,7 @@ def main():
         "figures": figs, "ratio_vmlab_qemu": ratio, "raw": raw, "errors": errors,
     }
     md = markdown(report)
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(md)
-    print(md)
+    write_report(report, md, args.json, args.markdown)
 
 
 if __name__ == "__main__":

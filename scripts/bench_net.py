@@ -32,7 +32,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_boot import CLEARCPUID, host_description, run_until  # noqa: E402
+from bench_boot import CLEARCPUID, host_description, run_until, write_report  # noqa: E402
 
 GUEST = os.path.join(REPO, "target/guest")
 WORKLOAD_HOST = os.path.join(REPO, "target/x86_64-unknown-linux-gnu/release/vmlab-workload")
@@ -217,13 +217,7 @@ def main():
                                                       else f"{med[n][k]:.0f}" for n in names) + " |")
     lines += ["", f"Command: `{report['command']}`"]
     md = "\n".join(lines) + "\n"
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(md)
-    print(md)
+    write_report(report, md, args.json, args.markdown)
 
 
 if __name__ == "__main__":
