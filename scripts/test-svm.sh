@@ -38,6 +38,10 @@ CHECKS=(
   # Issue 13's stray-output bug showed on hardware-speed KVM only: 20 runs
   # of `vmlab run -- echo` with two vCPUs (VMLAB_STDOUT_* below).
   "console"
+  # virtio-fs with the real virtiofsd: the killed daemon's EIO, no daemon
+  # after SIGTERM/SIGKILL, the image root over virtio-fs. Not the share
+  # test: L1's /tmp is a tmpfs of Linux 6.1, which has no user xattrs.
+  "fs --skip share_behaves_as_the_host"
 )
 # Host programs the tests run (copied into L1 with their libraries).
 TOOLS=(ip ping mkfs.ext4 debugfs)
@@ -147,6 +151,8 @@ done <<< "$exes"
 for f in "$repo"/target/guest/*; do
   [ -f "$f" ] && same_path "$f"
 done
+# virtiofsd (tests/fs.rs) links libseccomp and libcap-ng.
+with_libs "$repo/target/guest/virtiofsd"
 cp -a "$repo/target/guest/sample-image" "$stage$repo/target/guest/"
 for f in vmlab-init vmlab-workload; do
   with_libs "$repo/target/x86_64-unknown-linux-gnu/release/$f"
