@@ -198,16 +198,22 @@ fn boot_image(
             id: None,
         },
     );
-    init.command = Some(image.argv.clone());
-    init.env = image.config.env.clone();
-    init.workdir = Some(image.config.working_dir().to_string());
-    init.user = image.config.user.clone();
+    image_process(init, &image.argv, &image.config);
     // Before the user's --cmdline, which can still override it.
     let init_arg = format!("init={}", crate::image::GUEST_INIT_PATH);
     *cmdline = Some(match cmdline.take() {
         Some(user) => format!("{init_arg} {user}"),
         None => init_arg,
     });
+}
+
+/// The init runs the image's process: `argv` with the image's
+/// environment, working directory and user (either root device).
+fn image_process(init: &mut InitParams, argv: &[String], config: &crate::image::ImageConfig) {
+    init.command = Some(argv.to_vec());
+    init.env = config.env.clone();
+    init.workdir = Some(config.working_dir().to_string());
+    init.user = config.user.clone();
 }
 
 /// Runs `vmlab run`: returns vmlab's exit status (the command's, 0 for a
@@ -273,10 +279,7 @@ pub fn run(
     config.fs = shares.devices();
     config.init.volumes = shares.guest_volumes().to_vec();
     if let Some(i) = &fs_image {
-        config.init.command = Some(i.argv.clone());
-        config.init.env = i.config.env.clone();
-        config.init.workdir = Some(i.config.working_dir().to_string());
-        config.init.user = i.config.user.clone();
+        image_process(&mut config.init, &i.argv, &i.config);
         config.init.root_fs = Some(crate::volumes::ROOT_TAG.to_string());
     }
     for f in fs_args {
