@@ -29,6 +29,9 @@ pub struct Cli {
 }
 
 /// Subcommands.
+// `Run` is much the largest; a command line is parsed once, so boxing it
+// would save nothing worth the churn at every match.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Boot a micro-VM; with `-- COMMAND`, run COMMAND in it and exit with
@@ -143,6 +146,110 @@ pub fn parse_env(s: &str) -> Result<String, String> {
         Some((k, _)) if !k.is_empty() && !s.contains('\0') => Ok(s.to_string()),
         _ => Err(format!("'{s}' is not KEY=VALUE")),
     }
+}
+
+/// Parses `--workdir`: an absolute path without NUL bytes.
+pub fn parse_workdir(s: &str) -> Result<String, String> {
+    if s.contains('\0') {
+        return Err("the working directory contains a NUL byte".into());
+    }
+    if !s.starts_with('/') {
+        return Err(format!("the working directory '{s}' is not absolute"));
+    }
+    Ok(s.to_string())
+}
+
+/// Parses `--user`: `UID[:GID]` or `NAME[:GROUP]`, no part empty.
+pub fn parse_user(s: &str) -> Result<String, String> {
+    let bad = |why: &str| Err(format!("'{s}' is not UID[:GID] or NAME[:GROUP] ({why})"));
+    if s.contains('\0') || s.contains('\n') {
+        return bad("a NUL byte or a newline");
+    }
+    let (user, group) = match s.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (s, None),
+    };
+    if user.is_empty() || group.is_some_and(str::is_empty) {
+        return bad("an empty part");
+    }
+    if group.is_some_and(|g| g.contains(':')) {
+        return bad("more than one ':'");
+    }
+    for id in std::iter::once(user).chain(group) {
+        if id.bytes().all(|b| b.is_ascii_digit()) && id.parse::<u32>().is_err() {
+            return bad("an id out of range");
+        }
+    }
+    Ok(s.to_string())
+}
+
+/// The longest host name Linux takes (`__NEW_UTS_LEN`).
+pub const MAX_HOSTNAME: usize = 64;
+
+/// Parses `--hostname`: 1 to 64 bytes, no NUL.
+pub fn parse_hostname(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Err("the host name is empty".into());
+    }
+    if s.contains('\0') {
+        return Err("the host name contains a NUL byte".into());
+    }
+    if s.len() > MAX_HOSTNAME {
+        return Err(format!(
+            "the host name is {} bytes long; Linux takes at most {MAX_HOSTNAME}",
+            s.len()
+        ));
+    }
+    Ok(s.to_string())
+}
+
+/// The mount-flag words of `--tmpfs` options (the rest go to tmpfs).
+pub const TMPFS_FLAGS: &[&str] = &[
+    "ro",
+    "rw",
+    "exec",
+    "noexec",
+    "suid",
+    "nosuid",
+    "dev",
+    "nodev",
+    "sync",
+    "async",
+    "atime",
+    "noatime",
+    "diratime",
+    "nodiratime",
+    "relatime",
+    "norelatime",
+    "strictatime",
+    "nostrictatime",
+];
+
+/// Parses `--tmpfs PATH[:OPTIONS]` (Docker's syntax).
+pub fn parse_tmpfs(s: &str) -> Result<crate::cmdline::GuestTmpfs, String> {
+    if s.contains('\0') {
+        return Err(format!("--tmpfs {s:?}: contains a NUL byte"));
+    }
+    let (path, options) = s.split_once(':').unwrap_or((s, ""));
+    let path = crate::volumes::parse_volume(&format!("/:{path}"))
+        .map_err(|e| e.replace("--volume /:", "--tmpfs "))?
+        .guest;
+    for opt in options.split(',').filter(|o| !o.is_empty()) {
+        match opt.split_once('=') {
+            Some((key, _)) if !key.is_empty() => {}
+            None if TMPFS_FLAGS.contains(&opt) => {}
+            _ => {
+                return Err(format!(
+                    "--tmpfs {s}: unknown option '{opt}' (KEY=VALUE for tmpfs, or one of {})",
+                    TMPFS_FLAGS.join(", ")
+                ))
+            }
+        }
+    }
+    Ok(crate::cmdline::GuestTmpfs {
+        path,
+        options: options.to_string(),
+    })
 }
 
 /// The signals `vmlab kill` knows by name, with their x86-64 numbers.
@@ -331,6 +438,56 @@ pub struct RunArgs {
         default_value = "block"
     )]
     pub root_device: RootDevice,
+    /// Boot with the host directory DIR as the guest's root file system,
+    /// shared over virtio-fs (no image, no disk): the kernel starts from
+    /// a small initramfs holding only vmlab's init, which mounts the
+    /// share and switches root to it, then runs COMMAND (required). The
+    /// directory should hold /dev, /proc, /sys, /tmp and /run (created
+    /// if missing, unless the root is read-only).
+    #[arg(
+        long,
+        value_name = "DIR",
+        conflicts_with_all = ["image", "initrd", "raw"],
+        requires = "command"
+    )]
+    pub rootfs: Option<PathBuf>,
+    /// With --rootfs: `rw` (the default) mounts DIR read-write as the
+    /// root, so the guest's writes land in DIR; `ro` mounts it read-only;
+    /// `overlay` mounts it read-only with a per-run tmpfs layer over it
+    /// for the guest's writes (DIR is not changed).
+    #[arg(
+        long,
+        value_enum,
+        value_name = "MODE",
+        requires = "rootfs",
+        default_value = "rw"
+    )]
+    pub rootfs_mode: crate::cmdline::RootMode,
+    /// Set an environment variable of the command (repeatable). With
+    /// --image, added after the image's Env (so it wins).
+    #[arg(short, long = "env", value_name = "K=V", value_parser = parse_env)]
+    pub env: Vec<String>,
+    /// The command's working directory (absolute; created if missing).
+    /// With --image, replaces the image's WorkingDir.
+    #[arg(short, long, value_name = "DIR", value_parser = parse_workdir)]
+    pub workdir: Option<String>,
+    /// The user the command runs as: UID[:GID] or NAME[:GROUP] (names
+    /// from the guest's /etc/passwd and /etc/group). With --image,
+    /// replaces the image's User.
+    #[arg(short, long, value_name = "USER", value_parser = parse_user)]
+    pub user: Option<String>,
+    /// The guest's host name (1 to 64 bytes; default: vmlab), set before
+    /// the command starts; also its HOSTNAME.
+    #[arg(long, value_name = "NAME", value_parser = parse_hostname)]
+    pub hostname: Option<String>,
+    /// Mount a tmpfs at PATH in the guest (created if missing), after the
+    /// root and the volumes: Docker's `PATH[:OPTIONS]`, e.g.
+    /// `/run:size=64m,mode=755`. Repeatable. OPTIONS are tmpfs's
+    /// (size, mode, uid, gid, nr_inodes, ...) and the mount flags ro, rw,
+    /// exec, noexec, suid, nosuid, dev, nodev, ...; by default
+    /// `nosuid,nodev,noexec`, as Docker's.
+    #[arg(long, value_name = "PATH[:OPTIONS]", value_parser = parse_tmpfs)]
+    pub tmpfs: Vec<crate::cmdline::GuestTmpfs>,
     /// Extra kernel command-line options, appended after vmlab's own.
     #[arg(long, value_name = "STR")]
     pub cmdline: Option<String>,
@@ -368,7 +525,12 @@ pub struct RunArgs {
     /// `HOST_DIR:GUEST_PATH[:ro]`. Repeatable. vmlab starts one virtiofsd
     /// per volume (scripts/build-virtiofsd.sh installs it) and the guest
     /// init mounts it at GUEST_PATH before the command starts; `:ro`
-    /// refuses the guest's writes.
+    /// refuses the guest's writes. HOST may also be a regular file
+    /// (`/etc/resolv.conf:/etc/resolv.conf:ro`): it is hard-linked into a
+    /// private directory of the run (one share for all such files, one
+    /// more for the `:ro` ones; a copy if the link fails, whose writes do
+    /// not reach the host) and bind-mounted onto GUEST_PATH (an empty file
+    /// is created there if missing).
     #[arg(long, value_name = "HOST:GUEST[:ro]", value_parser = crate::volumes::parse_volume)]
     pub volume: Vec<crate::volumes::VolumeArg>,
     /// Attach an already running vhost-user-fs daemon:
@@ -915,6 +1077,136 @@ mod tests {
             "vmlab", "run", "--kernel", "k", "--agent", "-d", "--", "true",
         ];
         assert!(Cli::try_parse_from(argv).is_err());
+    }
+
+    #[test]
+    fn rootfs_and_process_args() {
+        let run = |extra: &[&str]| {
+            let argv = ["vmlab", "run", "--kernel", "k"].iter().chain(extra);
+            Cli::try_parse_from(argv).map(|c| match c.command {
+                Command::Run(r) => r,
+                _ => panic!("not run"),
+            })
+        };
+        let r = run(&["--rootfs", "/r", "--", "true"]).unwrap();
+        assert_eq!(r.rootfs, Some(PathBuf::from("/r")));
+        assert_eq!(r.rootfs_mode, crate::cmdline::RootMode::Rw);
+        let r = run(&["--rootfs", "/r", "--rootfs-mode", "overlay", "--", "true"]).unwrap();
+        assert_eq!(r.rootfs_mode, crate::cmdline::RootMode::Overlay);
+        // A command is required; --image, --initrd and --raw conflict;
+        // --rootfs-mode needs --rootfs.
+        let kind = |extra: &[&str]| run(extra).unwrap_err().kind();
+        use clap::error::ErrorKind;
+        assert_eq!(
+            kind(&["--rootfs", "/r"]),
+            ErrorKind::MissingRequiredArgument
+        );
+        for other in [["--image", "i"], ["--initrd", "i"]] {
+            let argv = ["--rootfs", "/r", other[0], other[1], "--", "true"];
+            assert_eq!(kind(&argv), ErrorKind::ArgumentConflict, "{other:?}");
+        }
+        let argv = ["vmlab", "run", "--raw", "g", "--rootfs", "/r"];
+        assert!(Cli::try_parse_from(argv).is_err());
+        assert!(run(&["--rootfs-mode", "ro", "--", "true"]).is_err());
+        assert!(run(&["--rootfs", "/r", "--rootfs-mode", "rx", "--", "true"]).is_err());
+
+        let r = run(&[
+            "-e",
+            "A=1",
+            "--env",
+            "B=",
+            "-w",
+            "/w",
+            "-u",
+            "app:staff",
+            "--hostname",
+            "h",
+            "--tmpfs",
+            "/run",
+            "--tmpfs",
+            "/t:size=1m,ro",
+        ])
+        .unwrap();
+        assert_eq!(r.env, vec!["A=1", "B="]);
+        assert_eq!(
+            (
+                r.workdir.as_deref(),
+                r.user.as_deref(),
+                r.hostname.as_deref()
+            ),
+            (Some("/w"), Some("app:staff"), Some("h"))
+        );
+        assert_eq!(r.tmpfs[0].path, "/run");
+        assert_eq!(r.tmpfs[0].options, "");
+        assert_eq!(
+            (r.tmpfs[1].path.as_str(), r.tmpfs[1].options.as_str()),
+            ("/t", "size=1m,ro")
+        );
+        for bad in [
+            ["--env", "NOEQ"],
+            ["--env", "=x"],
+            ["--workdir", "rel"],
+            ["--user", ""],
+            ["--user", "1:"],
+            ["--hostname", ""],
+            ["--tmpfs", "rel"],
+        ] {
+            assert!(run(&bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn process_value_parsers() {
+        assert_eq!(parse_workdir("/srv/app"), Ok("/srv/app".into()));
+        assert!(parse_workdir("srv").unwrap_err().contains("not absolute"));
+        assert!(parse_workdir("/a\0b").unwrap_err().contains("NUL"));
+        assert!(parse_env("A=\0").unwrap_err().contains("KEY=VALUE"));
+        for ok in ["0", "1000:1000", "app", "app:staff", "1000:staff"] {
+            assert_eq!(parse_user(ok), Ok(ok.to_string()));
+        }
+        for (bad, why) in [
+            ("", "empty"),
+            (":1", "empty"),
+            ("1:", "empty"),
+            ("a:b:c", "more than one"),
+            ("99999999999", "out of range"),
+            ("a\0", "NUL"),
+        ] {
+            let e = parse_user(bad).unwrap_err();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+        assert_eq!(parse_hostname("web-1"), Ok("web-1".into()));
+        assert!(parse_hostname(&"h".repeat(64)).is_ok());
+        let e = parse_hostname(&"h".repeat(65)).unwrap_err();
+        assert!(e.contains("65 bytes") && e.contains("at most 64"), "{e}");
+        assert!(parse_hostname("").unwrap_err().contains("empty"));
+        assert!(parse_hostname("a\0b").unwrap_err().contains("NUL"));
+    }
+
+    #[test]
+    fn tmpfs_syntax() {
+        let t = parse_tmpfs("/run:size=64m,mode=755").unwrap();
+        assert_eq!(
+            (t.path.as_str(), t.options.as_str()),
+            ("/run", "size=64m,mode=755")
+        );
+        let t = parse_tmpfs("/a//b/").unwrap();
+        assert_eq!((t.path.as_str(), t.options.as_str()), ("/a/b", ""));
+        let t = parse_tmpfs("/x:rw,noexec,nosuid,size=65536k").unwrap();
+        assert_eq!(t.options, "rw,noexec,nosuid,size=65536k");
+        for (bad, why) in [
+            ("run", "not absolute"),
+            ("/", "guest's /"),
+            ("/a/../b", ".."),
+            ("/run:bogus", "unknown option 'bogus'"),
+            ("/run:=1", "unknown option '=1'"),
+            ("/run\0", "NUL"),
+            ("", "not absolute"),
+        ] {
+            let e = parse_tmpfs(bad).unwrap_err();
+            assert!(e.contains(why), "{bad:?}: {e}");
+            assert!(e.contains("--tmpfs"), "{bad:?}: {e}");
+        }
     }
 
     #[test]

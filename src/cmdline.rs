@@ -45,6 +45,67 @@ pub struct InitParams {
     /// tmpfs layer over it (overlayfs) and switches root there, before it
     /// mounts `volumes`. `None`: the root is the initramfs or the disk.
     pub root_fs: Option<String>,
+    /// How the init uses `root_fs` (`--rootfs-mode`): with a tmpfs layer
+    /// (the default, and what `--image --root-device fs` gets), or the
+    /// share itself, read-write or read-only.
+    pub root_mode: RootMode,
+    /// The guest's host name (`--hostname`; the init's default: `vmlab`).
+    pub hostname: Option<String>,
+    /// Files the init bind-mounts after `volumes` (`--volume` of a host
+    /// file): a file of a share mounted under /dev/.vmlab onto a path of
+    /// the root, in this order.
+    pub binds: Vec<GuestBind>,
+    /// tmpfs mounts the init makes after `volumes` and `binds`
+    /// (`--tmpfs`), in this order.
+    pub tmpfs: Vec<GuestTmpfs>,
+}
+
+/// How the guest init mounts the root share.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum RootMode {
+    /// The share read-write, no overlay: the guest's writes land in the
+    /// host directory.
+    Rw,
+    /// The share read-only, no overlay.
+    Ro,
+    /// The share read-only with a per-run tmpfs layer over it (overlayfs).
+    #[default]
+    Overlay,
+}
+
+impl RootMode {
+    /// The `rootmode:` value; `None` for the default (no item).
+    fn item(self) -> Option<&'static str> {
+        match self {
+            RootMode::Rw => Some("rw"),
+            RootMode::Ro => Some("ro"),
+            RootMode::Overlay => None,
+        }
+    }
+}
+
+/// A file bind mount as the guest init makes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestBind {
+    /// The file in the guest (in a share the init mounted): absolute.
+    pub source: String,
+    /// Where it goes: absolute; an empty file is created there (with its
+    /// parent directories) if missing.
+    pub path: String,
+    /// Remount the bind read-only.
+    pub readonly: bool,
+}
+
+/// A tmpfs as the guest init mounts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestTmpfs {
+    /// The mount point: absolute, created with its parents if missing.
+    pub path: String,
+    /// Docker's `--tmpfs` options, comma-separated (`size=64m,mode=755`,
+    /// `ro`, `exec`, ...); may be empty. The init turns the flag words
+    /// into mount flags (default `nosuid,nodev,noexec`, as Docker's) and
+    /// passes the rest to tmpfs.
+    pub options: String,
 }
 
 /// A virtio-fs share as the guest init mounts it.
@@ -76,10 +137,13 @@ fn nul_joined(items: &[String]) -> Vec<u8> {
 }
 
 /// The parameters for the guest init: `quiet` when a command runs, and one
-/// word `vmlab=tty:N[,quiet:1][,cmd:HEX][,env:HEX][,workdir:HEX][,user:HEX][,agent:1][,fs:HEX][,root:HEX]`
+/// word `vmlab=tty:N[,quiet:1][,cmd:HEX][,env:HEX][,workdir:HEX][,user:HEX][,agent:1][,fs:HEX][,root:HEX][,rootmode:rw|ro][,hostname:HEX][,bind:HEX][,tmpfs:HEX]`
 /// (guest/init/src/cmdline.rs). `fs` is the NUL-joined list
 /// `TAG\0PATH\0MODE` of each volume in turn, MODE `ro` or `rw`; `root` is
-/// the tag of the root share. One word rather than one per setting: the
+/// the tag of the root share, `rootmode` how to use it (absent: with a
+/// tmpfs layer); `bind` is the NUL-joined list `SOURCE\0PATH\0MODE` of
+/// each file bind; `tmpfs` the NUL-joined list `PATH\0OPTIONS` of each
+/// tmpfs. One word rather than one per setting: the
 /// guest kernel compares every word of its command line with each of its
 /// parameter names several times while it boots, which on a nested-KVM
 /// host costs about 0.1 s per word (docs/BOOT.md).
@@ -118,6 +182,31 @@ pub fn init_params(init: &InitParams) -> Vec<String> {
     }
     if let Some(tag) = &init.root_fs {
         items.push(format!("root:{}", hex(tag.as_bytes())));
+    }
+    if let Some(mode) = init.root_mode.item() {
+        items.push(format!("rootmode:{mode}"));
+    }
+    if let Some(name) = &init.hostname {
+        items.push(format!("hostname:{}", hex(name.as_bytes())));
+    }
+    if !init.binds.is_empty() {
+        let fields: Vec<String> = init
+            .binds
+            .iter()
+            .flat_map(|b| {
+                let mode = if b.readonly { "ro" } else { "rw" };
+                [b.source.clone(), b.path.clone(), mode.to_string()]
+            })
+            .collect();
+        items.push(format!("bind:{}", hex(&nul_joined(&fields))));
+    }
+    if !init.tmpfs.is_empty() {
+        let fields: Vec<String> = init
+            .tmpfs
+            .iter()
+            .flat_map(|t| [t.path.clone(), t.options.clone()])
+            .collect();
+        items.push(format!("tmpfs:{}", hex(&nul_joined(&fields))));
     }
     out.push(format!("vmlab={}", items.join(",")));
     out
@@ -246,6 +335,60 @@ mod tests {
         );
         // None: no root item.
         assert!(!init_params(&InitParams::default())[0].contains("root:"));
+    }
+
+    #[test]
+    fn root_mode_hostname_binds_and_tmpfs() {
+        let p = init_params(&InitParams {
+            root_fs: Some("r".into()),
+            root_mode: RootMode::Rw,
+            hostname: Some("web-1".into()),
+            binds: vec![
+                GuestBind {
+                    source: "/dev/.vmlab/vmlabf/0".into(),
+                    path: "/etc/hosts".into(),
+                    readonly: false,
+                },
+                GuestBind {
+                    source: "/dev/.vmlab/vmlabfro/1".into(),
+                    path: "/etc/resolv.conf".into(),
+                    readonly: true,
+                },
+            ],
+            tmpfs: vec![
+                GuestTmpfs {
+                    path: "/run".into(),
+                    options: "size=64m,mode=755".into(),
+                },
+                GuestTmpfs {
+                    path: "/scratch".into(),
+                    options: String::new(),
+                },
+            ],
+            ..Default::default()
+        });
+        assert_eq!(
+            p,
+            vec![format!(
+                "vmlab=tty:0,root:72,rootmode:rw,hostname:{},bind:{},tmpfs:{}",
+                hex(b"web-1"),
+                hex(b"/dev/.vmlab/vmlabf/0\0/etc/hosts\0rw\0/dev/.vmlab/vmlabfro/1\0/etc/resolv.conf\0ro"),
+                hex(b"/run\0size=64m,mode=755\0/scratch\0")
+            )]
+        );
+        let ro = init_params(&InitParams {
+            root_fs: Some("r".into()),
+            root_mode: RootMode::Ro,
+            ..Default::default()
+        });
+        assert_eq!(ro, vec!["vmlab=tty:0,root:72,rootmode:ro".to_string()]);
+        // The default (overlay) adds nothing: an image's command line is
+        // as before.
+        let overlay = init_params(&InitParams {
+            root_fs: Some("r".into()),
+            ..Default::default()
+        });
+        assert_eq!(overlay, vec!["vmlab=tty:0,root:72".to_string()]);
     }
 
     #[test]

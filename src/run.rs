@@ -23,7 +23,7 @@ use crate::raw::{CpuMode, RawImage};
 use crate::terminal::RawMode;
 use crate::trace::Tracer;
 use crate::vm::{Payload, RunReport, Vm, VmConfig};
-use crate::volumes::Shares;
+use crate::volumes::{RootShare, Shares};
 use crate::vsock::VsockConfig;
 
 /// Exit status for vmlab's own failures (bad input, KVM errors), as
@@ -157,11 +157,24 @@ pub fn vm_config(
         agent: vsock.is_some(),
         ..Default::default()
     };
+    let flags = ProcessFlags {
+        env: args.env,
+        workdir: args.workdir,
+        user: args.user,
+        hostname: args.hostname,
+    };
     let mut disks = args.disk;
     let mut cmdline = args.cmdline;
     if let Some(image) = image {
         boot_image(image, &mut init, &mut disks, &mut cmdline);
     }
+    if args.rootfs.is_some() {
+        // `run` starts the share and passes the initramfs as --initrd.
+        init.root_fs = Some(crate::volumes::ROOT_TAG.to_string());
+        init.root_mode = args.rootfs_mode;
+    }
+    flags.apply(&mut init);
+    init.tmpfs = args.tmpfs;
     Ok(VmConfig {
         payload,
         cmdline,
@@ -207,6 +220,56 @@ fn boot_image(
     });
 }
 
+/// `--env`, `--workdir`, `--user`, `--hostname`: what the command line
+/// sets of the guest command's process, over an image's.
+#[derive(Debug, Clone, Default)]
+struct ProcessFlags {
+    env: Vec<String>,
+    workdir: Option<String>,
+    user: Option<String>,
+    hostname: Option<String>,
+}
+
+impl ProcessFlags {
+    /// The flags of `args`.
+    fn of(args: &RunArgs) -> ProcessFlags {
+        ProcessFlags {
+            env: args.env.clone(),
+            workdir: args.workdir.clone(),
+            user: args.user.clone(),
+            hostname: args.hostname.clone(),
+        }
+    }
+
+    /// Sets them on `init`, after the image's values: the environment
+    /// entries go after the image's (the init lets a later entry win),
+    /// the rest replace the image's.
+    fn apply(&self, init: &mut InitParams) {
+        init.env.extend(self.env.iter().cloned());
+        if let Some(dir) = &self.workdir {
+            init.workdir = Some(dir.clone());
+        }
+        if let Some(user) = &self.user {
+            init.user = Some(user.clone());
+        }
+        if let Some(name) = &self.hostname {
+            init.hostname = Some(name.clone());
+        }
+    }
+}
+
+/// `--rootfs DIR`: DIR must be an existing directory.
+fn check_rootfs(dir: &std::path::Path) -> Result<(), Error> {
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(Error::Usage(format!(
+            "--rootfs {}: not a directory",
+            dir.display()
+        ))),
+        Err(e) => Err(Error::Usage(format!("--rootfs {}: {e}", dir.display()))),
+    }
+}
+
 /// The init runs the image's process: `argv` with the image's
 /// environment, working directory and user (either root device).
 fn image_process(init: &mut InitParams, argv: &[String], config: &crate::image::ImageConfig) {
@@ -247,7 +310,25 @@ pub fn run(
         (Some(path), RootDevice::Fs) => Some(crate::image::prepare_vm_fs(path, &args.command)?),
         _ => None,
     };
-    let mut shares = start_shares(&mut args, owner, fs_image.as_ref().map(|i| &*i.rootfs))?;
+    // --rootfs DIR: DIR itself is the root share, booted from the
+    // generic initramfs (clap keeps --image, --initrd and --raw out).
+    let rootfs = args.rootfs.clone();
+    if let Some(dir) = &rootfs {
+        check_rootfs(dir)?;
+        args.initrd = Some(crate::image::fs_root_initramfs()?);
+    }
+    let root = match (&fs_image, &rootfs) {
+        (Some(i), _) => Some(RootShare {
+            dir: &i.rootfs,
+            readonly: true,
+        }),
+        (None, Some(dir)) => Some(RootShare {
+            dir,
+            readonly: args.rootfs_mode != crate::cmdline::RootMode::Rw,
+        }),
+        (None, None) => None,
+    };
+    let mut shares = start_shares(&mut args, owner, root)?;
     // Lives until the VM is done: dropping it removes the run's disk.
     let image = match (&args.image, &fs_image) {
         (Some(path), None) => Some(crate::image::prepare_vm(path, &args.command)?),
@@ -274,12 +355,15 @@ pub fn run(
         None => None,
     };
     let fs_args = std::mem::take(&mut args.fs);
+    let flags = ProcessFlags::of(&args);
     let mut config = vm_config(args, host, image.as_ref(), streams, owner.map(|o| &o.paths))?;
     config.trace = tracer.as_ref().and_then(Tracer::sender);
     config.fs = shares.devices();
     config.init.volumes = shares.guest_volumes().to_vec();
+    config.init.binds = shares.guest_binds().to_vec();
     if let Some(i) = &fs_image {
         image_process(&mut config.init, &i.argv, &i.config);
+        flags.apply(&mut config.init);
         config.init.root_fs = Some(crate::volumes::ROOT_TAG.to_string());
     }
     for f in fs_args {
@@ -357,7 +441,7 @@ pub fn run(
 fn start_shares(
     args: &mut RunArgs,
     owner: Option<&Owner>,
-    root: Option<&std::path::Path>,
+    root: Option<RootShare<'_>>,
 ) -> Result<Shares, Error> {
     let volumes = std::mem::take(&mut args.volume);
     crate::volumes::validate(&volumes).map_err(Error::Volume)?;
@@ -623,6 +707,106 @@ mod tests {
         let a = args(&["--kernel", "/k", "--vsock", "cid=5,socket=/tmp/v.sock"]);
         let c = vm_config(a, HostKind::Hardware, None, TTY, None).unwrap();
         assert!(c.init.agent);
+    }
+
+    #[test]
+    fn rootfs_and_process_flags() {
+        use crate::cmdline::RootMode;
+        let a = args(&[
+            "--kernel",
+            "/k",
+            "--rootfs",
+            "/srv/root",
+            "-e",
+            "A=1",
+            "--env",
+            "B=x=y",
+            "--workdir",
+            "/app",
+            "--user",
+            "1000:1000",
+            "--hostname",
+            "web",
+            "--tmpfs",
+            "/run:size=64m,mode=755",
+            "--",
+            "id",
+        ]);
+        let c = vm_config(a, HostKind::Hardware, None, Streams::default(), None).unwrap();
+        assert_eq!(c.init.root_fs.as_deref(), Some(crate::volumes::ROOT_TAG));
+        assert_eq!(c.init.root_mode, RootMode::Rw, "rw by default");
+        assert_eq!(c.init.env, vec!["A=1", "B=x=y"]);
+        assert_eq!(c.init.workdir.as_deref(), Some("/app"));
+        assert_eq!(c.init.user.as_deref(), Some("1000:1000"));
+        assert_eq!(c.init.hostname.as_deref(), Some("web"));
+        assert_eq!(c.init.tmpfs.len(), 1);
+        assert_eq!(c.init.tmpfs[0].options, "size=64m,mode=755");
+        assert_eq!(c.init.command, Some(vec!["id".to_string()]));
+        for (mode, want) in [("ro", RootMode::Ro), ("overlay", RootMode::Overlay)] {
+            let a = args(&[
+                "--kernel",
+                "/k",
+                "--rootfs",
+                "/r",
+                "--rootfs-mode",
+                mode,
+                "--",
+                "true",
+            ]);
+            let c = vm_config(a, HostKind::Hardware, None, Streams::default(), None).unwrap();
+            assert_eq!(c.init.root_mode, want);
+        }
+        // Without --rootfs: no root share, the default mode.
+        let c = vm_config(
+            args(&["--kernel", "/k", "--", "true"]),
+            HostKind::Hardware,
+            None,
+            Streams::default(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            (c.init.root_fs, c.init.root_mode),
+            (None, RootMode::Overlay)
+        );
+        assert!(c.init.hostname.is_none() && c.init.tmpfs.is_empty());
+    }
+
+    #[test]
+    fn flags_override_the_images_process() {
+        let config = crate::image::ImageConfig {
+            entrypoint: vec![],
+            cmd: vec!["sh".into()],
+            env: vec!["PATH=/bin".into(), "A=image".into()],
+            working_dir: Some("/work".into()),
+            user: Some("1000".into()),
+        };
+        let mut init = InitParams::default();
+        image_process(&mut init, &["sh".to_string()], &config);
+        let flags = ProcessFlags {
+            env: vec!["A=flag".into()],
+            workdir: Some("/tmp".into()),
+            user: None,
+            hostname: Some("h".into()),
+        };
+        flags.apply(&mut init);
+        // After the image's: the init lets the later entry win.
+        assert_eq!(init.env, vec!["PATH=/bin", "A=image", "A=flag"]);
+        assert_eq!(init.workdir.as_deref(), Some("/tmp"));
+        assert_eq!(init.user.as_deref(), Some("1000"), "the image's is kept");
+        assert_eq!(init.hostname.as_deref(), Some("h"));
+    }
+
+    #[test]
+    fn a_rootfs_must_be_a_directory() {
+        let e = check_rootfs(std::path::Path::new("/nonexistent/vmlab-root")).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        assert!(e
+            .to_string()
+            .starts_with("--rootfs /nonexistent/vmlab-root: No such file"));
+        let e = check_rootfs(std::path::Path::new("/proc/self/status")).unwrap_err();
+        assert_eq!(e.to_string(), "--rootfs /proc/self/status: not a directory");
+        assert!(check_rootfs(&std::env::temp_dir()).is_ok());
     }
 
     #[test]

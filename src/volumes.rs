@@ -2,8 +2,14 @@
 //! one virtiofsd per share, started, watched and stopped by vmlab.
 //!
 //! - [`parse_volume`] and [`validate`]: the command line. The host path
-//!   must be an existing directory, the guest path absolute, and no two
-//!   volumes may share a guest path.
+//!   must be an existing directory or regular file, the guest path
+//!   absolute, and no two volumes may share a guest path.
+//! - A host file is not shared by itself (virtio-fs shares directories):
+//!   it is hard-linked (or, across file systems, copied) into a private
+//!   directory of the run, `files` (or `files-ro` for the `:ro` ones),
+//!   which one virtiofsd shares; the guest init mounts that share under
+//!   /dev/.vmlab (the devtmpfs, outside the root file system) and
+//!   bind-mounts each file onto its guest path.
 //! - [`locate_virtiofsd`]: `$VMLAB_VIRTIOFSD`, then `virtiofsd` on `PATH`,
 //!   then `/usr/libexec/virtiofsd` (the distributions' Rust virtiofsd;
 //!   not QEMU's old C one). scripts/build-virtiofsd.sh installs it.
@@ -25,7 +31,7 @@ use std::path::{Component, Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::cmdline::GuestVolume;
+use crate::cmdline::{GuestBind, GuestVolume};
 use crate::devices::virtio::fs::FsConfig;
 
 /// How long a starting virtiofsd may take to create its socket.
@@ -34,7 +40,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// One `--volume`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeArg {
-    /// The host directory.
+    /// The host directory or regular file.
     pub host: PathBuf,
     /// Where the guest mounts it (absolute).
     pub guest: String,
@@ -42,7 +48,7 @@ pub struct VolumeArg {
     pub readonly: bool,
 }
 
-/// Parses `HOST_DIR:GUEST_PATH[:ro|:rw]`.
+/// Parses `HOST:GUEST_PATH[:ro|:rw]` (HOST a directory or a file).
 pub fn parse_volume(s: &str) -> Result<VolumeArg, String> {
     let parts: Vec<&str> = s.split(':').collect();
     let (host, guest, readonly) = match parts.as_slice() {
@@ -50,10 +56,10 @@ pub fn parse_volume(s: &str) -> Result<VolumeArg, String> {
         [host, guest, "ro"] => (*host, *guest, true),
         [host, guest, "rw"] => (*host, *guest, false),
         [_, _, mode] => return Err(format!("--volume {s}: unknown mode '{mode}' (ro or rw)")),
-        _ => return Err(format!("--volume {s}: expected HOST_DIR:GUEST_PATH[:ro]")),
+        _ => return Err(format!("--volume {s}: expected HOST:GUEST_PATH[:ro]")),
     };
     if host.is_empty() {
-        return Err(format!("--volume {s}: the host directory is empty"));
+        return Err(format!("--volume {s}: the host path is empty"));
     }
     if !guest.starts_with('/') {
         return Err(format!(
@@ -94,12 +100,17 @@ fn normalize(path: &str) -> String {
 }
 
 /// Checks the volumes against the host: every host path an existing
-/// directory, every guest path used once.
+/// directory or regular file, every guest path used once.
 pub fn validate(volumes: &[VolumeArg]) -> Result<(), String> {
     for (i, v) in volumes.iter().enumerate() {
         match fs::metadata(&v.host) {
-            Ok(m) if m.is_dir() => {}
-            Ok(_) => return Err(format!("--volume {}: not a directory", v.host.display())),
+            Ok(m) if m.is_dir() || m.is_file() => {}
+            Ok(_) => {
+                return Err(format!(
+                    "--volume {}: not a directory or a regular file",
+                    v.host.display()
+                ))
+            }
             Err(e) => return Err(format!("--volume {}: {e}", v.host.display())),
         }
         if let Some(other) = volumes[..i].iter().find(|o| o.guest == v.guest) {
@@ -169,6 +180,10 @@ pub struct Shares {
     dir: PathBuf,
     daemons: Vec<Daemon>,
     guest: Vec<GuestVolume>,
+    /// The file volumes' bind mounts.
+    binds: Vec<GuestBind>,
+    /// The private directories of the file volumes (removed at the end).
+    file_dirs: Vec<PathBuf>,
     /// Whether `dir` is the run's own (removed at the end), not a named
     /// VM's state directory.
     own_dir: bool,
@@ -176,6 +191,24 @@ pub struct Shares {
 
 /// The tag of an image's root share.
 pub const ROOT_TAG: &str = "vmlabroot";
+
+/// The tag of the share of the read-write file volumes.
+pub const FILES_TAG: &str = "vmlabf";
+/// The tag of the share of the `:ro` file volumes.
+pub const FILES_RO_TAG: &str = "vmlabfro";
+/// Where the guest init mounts the file volumes' shares (`DIR/TAG`): in
+/// the guest's devtmpfs, which is not part of the root file system (and
+/// moves along when the init switches root).
+pub const GUEST_FILES_DIR: &str = "/dev/.vmlab";
+
+/// The share that is the guest's root file system.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RootShare<'a> {
+    /// The host directory.
+    pub dir: &'a Path,
+    /// The daemon refuses writes (`--readonly`).
+    pub readonly: bool,
+}
 
 /// The pid file in a run directory: the vmlab that owns it.
 const OWNER_FILE: &str = "vmlab.pid";
@@ -188,11 +221,11 @@ impl Shares {
         Shares::start_with_root(None, volumes, dir, own_dir)
     }
 
-    /// [`start`](Self::start), plus (first) a read-only share of `root`
-    /// tagged [`ROOT_TAG`]: an image's root file system, which the guest
-    /// init switches root to.
+    /// [`start`](Self::start), plus (first) a share of `root` tagged
+    /// [`ROOT_TAG`]: the guest's root file system (an image's, read-only,
+    /// or a `--rootfs` directory), which the guest init switches root to.
     pub fn start_with_root(
-        root: Option<&Path>,
+        root: Option<RootShare<'_>>,
         volumes: &[VolumeArg],
         dir: &Path,
         own_dir: bool,
@@ -201,6 +234,8 @@ impl Shares {
             dir: dir.to_path_buf(),
             daemons: Vec::new(),
             guest: Vec::new(),
+            binds: Vec::new(),
+            file_dirs: Vec::new(),
             own_dir,
         };
         if volumes.is_empty() && root.is_none() {
@@ -214,9 +249,9 @@ impl Shares {
         }
         if let Some(root) = root {
             let v = VolumeArg {
-                host: root.to_path_buf(),
+                host: root.dir.to_path_buf(),
                 guest: "/".into(),
-                readonly: true,
+                readonly: root.readonly,
             };
             let socket = dir.join("root.sock");
             let _ = fs::remove_file(&socket);
@@ -229,7 +264,21 @@ impl Shares {
                 ended: None,
             });
         }
+        let is_file = |v: &VolumeArg| fs::metadata(&v.host).is_ok_and(|m| m.is_file());
+        for readonly in [false, true] {
+            let files: Vec<(usize, &VolumeArg)> = volumes
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| is_file(v) && v.readonly == readonly)
+                .collect();
+            if !files.is_empty() {
+                shares.start_files(&bin, &files, readonly)?;
+            }
+        }
         for (i, v) in volumes.iter().enumerate() {
+            if is_file(v) {
+                continue;
+            }
             let tag = format!("vmlab{i}");
             let socket = dir.join(format!("fs{i}.sock"));
             let _ = fs::remove_file(&socket);
@@ -264,9 +313,66 @@ impl Shares {
             .collect()
     }
 
-    /// What the guest init mounts.
+    /// What the guest init mounts: the file volumes' shares first (under
+    /// [`GUEST_FILES_DIR`]), then the directories, in order.
     pub fn guest_volumes(&self) -> &[GuestVolume] {
         &self.guest
+    }
+
+    /// The file volumes' bind mounts, for the guest init to make after
+    /// [`guest_volumes`](Self::guest_volumes).
+    pub fn guest_binds(&self) -> &[GuestBind] {
+        &self.binds
+    }
+
+    /// Shares the host files of `files` (index in the volume list, volume)
+    /// through one daemon: each hard-linked (else copied) into a fresh
+    /// private directory as `<index>`.
+    fn start_files(
+        &mut self,
+        bin: &Path,
+        files: &[(usize, &VolumeArg)],
+        readonly: bool,
+    ) -> Result<(), String> {
+        let (tag, sub) = if readonly {
+            (FILES_RO_TAG, self.dir.join("files-ro"))
+        } else {
+            (FILES_TAG, self.dir.join("files"))
+        };
+        // A killed run's links, in a named VM's state directory.
+        let _ = fs::remove_dir_all(&sub);
+        fs::create_dir_all(&sub).map_err(|e| format!("{}: {e}", sub.display()))?;
+        self.file_dirs.push(sub.clone());
+        let mount = format!("{GUEST_FILES_DIR}/{tag}");
+        for (i, v) in files {
+            link_or_copy(&v.host, &sub.join(i.to_string()), readonly)?;
+            self.binds.push(GuestBind {
+                source: format!("{mount}/{i}"),
+                path: v.guest.clone(),
+                readonly,
+            });
+        }
+        let share = VolumeArg {
+            host: sub.clone(),
+            guest: mount.clone(),
+            readonly,
+        };
+        let socket = self.dir.join(format!("{tag}.sock"));
+        let _ = fs::remove_file(&socket);
+        let child = spawn(bin, &share, &socket)?;
+        self.daemons.push(Daemon {
+            child,
+            host: sub,
+            tag: tag.into(),
+            socket,
+            ended: None,
+        });
+        self.guest.push(GuestVolume {
+            tag: tag.into(),
+            path: mount,
+            readonly,
+        });
+        Ok(())
     }
 
     /// One line per daemon that failed (a non-zero status or a signal).
@@ -298,6 +404,9 @@ impl Shares {
     pub fn stop(&mut self) {
         for d in &mut self.daemons {
             d.stop();
+        }
+        for d in self.file_dirs.drain(..) {
+            let _ = fs::remove_dir_all(d);
         }
         if self.own_dir && !self.daemons.is_empty() {
             let _ = fs::remove_dir_all(&self.dir);
@@ -366,6 +475,43 @@ impl Daemon {
         }
         let _ = fs::remove_file(&self.socket);
     }
+}
+
+/// Puts the host file `host` (its target, if a symbolic link) at `dest`:
+/// a hard link, so that the guest's writes reach it; else (another file
+/// system, or not allowed) a copy with its owner and mode, and a message
+/// saying what that means.
+fn link_or_copy(host: &Path, dest: &Path, readonly: bool) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let real = fs::canonicalize(host).map_err(|e| format!("--volume {}: {e}", host.display()))?;
+    let link_err = match fs::hard_link(&real, dest) {
+        Ok(()) => return Ok(()),
+        Err(e) => e,
+    };
+    fs::copy(&real, dest).map_err(|e| {
+        format!(
+            "--volume {}: cannot hard-link it into {} ({link_err}) nor copy it there ({e})",
+            host.display(),
+            dest.display()
+        )
+    })?;
+    if let Ok(m) = fs::metadata(&real) {
+        let _ = std::os::unix::fs::chown(dest, Some(m.uid()), Some(m.gid()));
+    }
+    if readonly {
+        log::info!(
+            "--volume {}: cannot hard-link it into {} ({link_err}): the guest gets a copy,              and later changes on the host do not reach it",
+            host.display(),
+            dest.display()
+        );
+    } else {
+        log::warn!(
+            "--volume {}: cannot hard-link it into {} ({link_err}): the guest gets a copy,              and its writes do not reach the host file",
+            host.display(),
+            dest.display()
+        );
+    }
+    Ok(())
 }
 
 fn spawn(bin: &Path, v: &VolumeArg, socket: &Path) -> Result<Child, String> {
@@ -482,7 +628,38 @@ mod tests {
         assert!(e.contains("both mounted on /a"), "{e}");
         let e = validate(&[v(Path::new("/nonexistent/vmlab"), "/a")]).unwrap_err();
         assert!(e.contains("No such file"), "{e}");
-        let e = validate(&[v(Path::new("/proc/self/status"), "/a")]).unwrap_err();
-        assert!(e.contains("not a directory"), "{e}");
+        let e = validate(&[v(Path::new("/dev/null"), "/a")]).unwrap_err();
+        assert!(e.contains("not a directory or a regular file"), "{e}");
+        // A regular file is a file volume.
+        assert!(validate(&[v(Path::new("/proc/self/status"), "/a")]).is_ok());
+    }
+
+    #[test]
+    fn a_file_volume_is_a_hard_link_of_the_file_it_names() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = std::env::temp_dir().join(format!("vmlab-vol-link-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("real"), b"data").unwrap();
+        std::os::unix::fs::symlink(dir.join("real"), dir.join("sym")).unwrap();
+        // Through a symbolic link: the file itself, not the link.
+        link_or_copy(&dir.join("sym"), &dir.join("linked"), false).unwrap();
+        let ino = |p: &str| fs::metadata(dir.join(p)).unwrap().ino();
+        assert_eq!(ino("linked"), ino("real"));
+        assert!(!fs::symlink_metadata(dir.join("linked"))
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        // Across file systems (/dev/shm is a tmpfs): a copy.
+        let shm = Path::new("/dev/shm").join(format!("vmlab-vol-link-{}", std::process::id()));
+        if fs::write(&shm, b"").is_ok() {
+            let _ = fs::remove_file(&shm);
+            link_or_copy(&dir.join("real"), &shm, true).unwrap();
+            assert_eq!(fs::read(&shm).unwrap(), b"data");
+            let _ = fs::remove_file(&shm);
+        }
+        let e = link_or_copy(&dir.join("missing"), &dir.join("x"), false).unwrap_err();
+        assert!(e.contains("missing"), "{e}");
+        let _ = fs::remove_dir_all(&dir);
     }
 }

@@ -766,7 +766,10 @@ fn volume_errors() {
             vec![format!("{d}/missing:/data")],
             "No such file or directory",
         ),
-        (vec![format!("{}:/data", s(&file))], "not a directory"),
+        (
+            vec!["/dev/null:/data".to_string()],
+            "not a directory or a regular file",
+        ),
         (vec![format!("{d}:data")], "not absolute"),
         (vec![format!("{d}:/data:rx")], "unknown mode"),
         (
@@ -779,6 +782,28 @@ fn volume_errors() {
             args.extend(["--volume", v]);
         }
         fails_with(&args, needle);
+    }
+    // --rootfs: not a directory, missing, no command; bad process flags.
+    let f = s(&file);
+    fails_with(
+        &["run", "--kernel", k, "--rootfs", f, "--", "true"],
+        &format!("--rootfs {f}: not a directory"),
+    );
+    let missing = format!("{d}/missing");
+    fails_with(
+        &["run", "--kernel", k, "--rootfs", &missing, "--", "true"],
+        "No such file or directory",
+    );
+    fails_with(&["run", "--kernel", k, "--rootfs", d], "COMMAND");
+    let long = "h".repeat(65);
+    for (flag, value, needle) in [
+        ("--hostname", long.as_str(), "at most 64"),
+        ("--env", "NOEQ", "not KEY=VALUE"),
+        ("--workdir", "rel", "not absolute"),
+        ("--user", "a:b:c", "more than one ':'"),
+        ("--tmpfs", "/run:bogus", "unknown option 'bogus'"),
+    ] {
+        fails_with(&["run", "--kernel", k, flag, value, "--", "true"], needle);
     }
     // virtiofsd not installed.
     let mut cmd = vmlab();

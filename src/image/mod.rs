@@ -217,15 +217,27 @@ pub fn prepare_vm_fs(image: &Path, command: &[String]) -> Result<FsImage, Error>
             image: image.to_path_buf(),
         });
     }
-    let init = find_init()?;
-    let digest = cache::init_digest(&init)?;
-    let initrd = initrd::fs_root_initrd(&init, &cache, &digest)?;
+    let initrd = fs_root_initrd_in(&cache)?;
     Ok(FsImage {
         rootfs: prepared.rootfs,
         initrd,
         argv,
         config: prepared.config,
     })
+}
+
+/// The generic initramfs of a VM whose root file system is a virtio-fs
+/// share (vmlab's init and the directories it mounts on, nothing else;
+/// cached next to the images): what `--image --root-device fs` and
+/// `vmlab run --rootfs DIR` boot.
+pub fn fs_root_initramfs() -> Result<PathBuf, Error> {
+    fs_root_initrd_in(&cache_root()?)
+}
+
+fn fs_root_initrd_in(cache: &Path) -> Result<PathBuf, Error> {
+    let init = find_init()?;
+    let digest = cache::init_digest(&init)?;
+    initrd::fs_root_initrd(&init, cache, &digest)
 }
 
 /// Prepares `image` for a VM boot running `command` (empty: the image's
