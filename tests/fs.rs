@@ -493,3 +493,101 @@ fn image_root_over_virtio_fs_without_a_copy() {
     );
     assert_no_run_dirs(&state);
 }
+
+/// `--rootfs DIR` (rw, the default): a host directory holding a busybox
+/// root is the guest's `/` over virtio-fs, no image and no disk, and what
+/// the guest writes is in DIR; in the same boot, `--env`, `--workdir`,
+/// `--user`, `--hostname` reach the command, a host file is a volume
+/// (read and written through; a `:ro` one refuses writes) and `--tmpfs`
+/// mounts a tmpfs with its options.
+#[test]
+fn rootfs_directory_with_process_flags_file_volumes_and_tmpfs() {
+    let base = scratch("rootfs");
+    let (root, state) = (base.join("root"), base.join("state"));
+    let tree = guest_dir().join("rootfs-tree");
+    assert!(
+        tree.join("bin/busybox").exists(),
+        "run scripts/build-guest.sh"
+    );
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(&tree)
+        .arg(&root)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    // The working directory is the user's, so it can write there.
+    std::fs::create_dir_all(root.join("srv/app")).unwrap();
+    std::os::unix::fs::chown(root.join("srv/app"), Some(1000), Some(1000)).unwrap();
+    let (conf, ro) = (base.join("app.conf"), base.join("ro.txt"));
+    std::fs::write(&conf, b"from-host\n").unwrap();
+    std::os::unix::fs::chown(&conf, Some(1000), Some(1000)).unwrap();
+    std::fs::write(&ro, b"read-only\n").unwrap();
+    assert!(!root.join("etc/app.conf").exists());
+
+    let mut cmd = vmlab();
+    cmd.env("VMLAB_STATE_DIR", &state)
+        .args(["run", "--kernel"])
+        .arg(guest_dir().join("vmlinux"))
+        .arg("--rootfs")
+        .arg(&root)
+        .args(["--env", "K=hello world", "-e", "PATH=/bin:/usr/bin:/sbin"])
+        .args(["--workdir", "/srv/app", "--user", "1000:1000"])
+        .args(["--hostname", "web-1"])
+        .arg("--volume")
+        .arg(format!("{}:/etc/app.conf", conf.display()))
+        .arg("--volume")
+        .arg(format!("{}:/etc/ro.txt:ro", ro.display()))
+        .args(["--tmpfs", "/mnt/scratch:size=8m,mode=1777"])
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "echo ROOT=$(grep ' / ' /proc/mounts | cut -d' ' -f3,4 | cut -d, -f1); \
+             echo ID=$(id -u):$(id -g); echo CWD=$(pwd); echo HOST=$(hostname); \
+             echo HOSTNAME=$HOSTNAME; echo K=$K; \
+             echo from-guest > out.txt && echo WROTE=yes; \
+             echo CONF=$(cat /etc/app.conf); echo guest-line >> /etc/app.conf && echo APPEND=ok; \
+             echo RO=$(cat /etc/ro.txt); \
+             if echo x >> /etc/ro.txt 2>/dev/null; then echo ROWRITE=written; else echo ROWRITE=refused; fi; \
+             echo TMPFS=$(grep ' /mnt/scratch ' /proc/mounts | cut -d' ' -f3,4); \
+             touch /mnt/scratch/t && echo TMPFSWRITE=ok",
+        ]);
+    let run = run_guest(cmd, BOOT_LIMIT);
+    assert_eq!(run.code(), Some(0), "{}", run.dump());
+    eprintln!("rootfs test: guest done after {:?}", run.elapsed);
+    assert_eq!(value(&run, "ROOT"), "virtiofs rw", "{}", run.dump());
+    assert_eq!(value(&run, "ID"), "1000:1000");
+    assert_eq!(value(&run, "CWD"), "/srv/app");
+    assert_eq!(value(&run, "HOST"), "web-1");
+    assert_eq!(value(&run, "HOSTNAME"), "web-1");
+    assert_eq!(value(&run, "K"), "hello world");
+    // The guest's write is in DIR, as that user.
+    assert_eq!(value(&run, "WROTE"), "yes", "{}", run.dump());
+    let out = root.join("srv/app/out.txt");
+    assert_eq!(std::fs::read(&out).unwrap(), b"from-guest\n");
+    assert_eq!(std::fs::metadata(&out).unwrap().uid(), 1000);
+    // The file volume: read and written through to the host file; the
+    // root got only the empty mount point, as runc makes it.
+    assert_eq!(value(&run, "CONF"), "from-host");
+    assert_eq!(value(&run, "APPEND"), "ok", "{}", run.dump());
+    assert_eq!(std::fs::read(&conf).unwrap(), b"from-host\nguest-line\n");
+    assert_eq!(std::fs::read(root.join("etc/app.conf")).unwrap(), b"");
+    assert_eq!(value(&run, "RO"), "read-only");
+    assert_eq!(value(&run, "ROWRITE"), "refused");
+    assert_eq!(std::fs::read(&ro).unwrap(), b"read-only\n");
+    // The tmpfs, with its size and Docker's default flags.
+    let tmpfs = value(&run, "TMPFS");
+    assert!(
+        tmpfs.starts_with("tmpfs ") && tmpfs.contains("size=8192k") && tmpfs.contains("noexec"),
+        "{tmpfs}\n{}",
+        run.dump()
+    );
+    assert_eq!(value(&run, "TMPFSWRITE"), "ok");
+    assert!(!root.join("mnt/scratch/t").exists(), "the tmpfs is not DIR");
+    // Nothing of the run is left: daemons, run directory, the file links.
+    assert_no_daemon(&base);
+    assert_no_run_dirs(&state);
+    assert_eq!(std::fs::metadata(&conf).unwrap().nlink(), 1);
+    let _ = std::fs::remove_dir_all(&base);
+}

@@ -41,7 +41,53 @@ pub struct Config {
     /// (read-only, with a tmpfs layer over it), before `volumes` are
     /// mounted. `None`: the root stays what the kernel booted.
     pub root_fs: Option<String>,
+    /// How `root_fs` becomes the root (`vmlab.rootmode`).
+    pub root_mode: RootMode,
+    /// The host name to set (`vmlab.hostname`): 1 to 64 bytes, no NUL.
+    pub hostname: Option<Vec<u8>>,
+    /// Files to bind-mount after `volumes`, in order (`vmlab.bind`).
+    pub binds: Vec<Bind>,
+    /// tmpfs mounts to make after `binds`, in order (`vmlab.tmpfs`).
+    pub tmpfs: Vec<Tmpfs>,
 }
+
+/// How the root share becomes the root file system.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RootMode {
+    /// Read-only, with a tmpfs layer over it (overlayfs): `vmlab.root`
+    /// alone.
+    #[default]
+    Overlay,
+    /// The share itself, read-write (`rootmode:rw`).
+    ReadWrite,
+    /// The share itself, read-only (`rootmode:ro`).
+    ReadOnly,
+}
+
+/// A file bind mount: `mount --bind SOURCE PATH [-o remount,ro]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind {
+    /// The file bound: absolute (in a share mounted before).
+    pub source: PathBuf,
+    /// Where: absolute; an empty file is created there if missing.
+    pub path: PathBuf,
+    /// Remount the bind read-only.
+    pub readonly: bool,
+}
+
+/// A tmpfs: `mount -t tmpfs -o DATA tmpfs PATH` with mount flags.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tmpfs {
+    /// The mount point: absolute, created with its parents if missing.
+    pub path: PathBuf,
+    /// The mount flags (`MS_*`).
+    pub flags: libc::c_ulong,
+    /// The options for tmpfs itself (`size=64m,mode=755`), comma-separated.
+    pub data: Vec<u8>,
+}
+
+/// The flags of a `--tmpfs` without options, as Docker's.
+pub const TMPFS_DEFAULT_FLAGS: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
 
 /// A virtio-fs share: `mount -t virtiofs TAG PATH [-o ro]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +112,10 @@ impl Default for Config {
             agent: false,
             volumes: Vec::new(),
             root_fs: None,
+            root_mode: RootMode::Overlay,
+            hostname: None,
+            binds: Vec::new(),
+            tmpfs: Vec::new(),
         }
     }
 }
@@ -111,6 +161,12 @@ pub enum CmdlineError {
     BadVolume(String),
     /// `vmlab.root` is not a usable virtio-fs tag; says why.
     BadRoot(String),
+    /// `vmlab.hostname` is empty, too long or has a NUL byte.
+    BadHostname(String),
+    /// `vmlab.bind` is not a list of `SOURCE, PATH, ro|rw` triples.
+    BadBind(String),
+    /// `vmlab.tmpfs` is not a list of `PATH, OPTIONS` pairs.
+    BadTmpfs(String),
 }
 
 impl fmt::Display for CmdlineError {
@@ -127,6 +183,9 @@ impl fmt::Display for CmdlineError {
             CmdlineError::BadUser(why) => write!(f, "malformed vmlab.user: {why}"),
             CmdlineError::BadVolume(why) => write!(f, "malformed vmlab.fs: {why}"),
             CmdlineError::BadRoot(why) => write!(f, "malformed vmlab.root: {why}"),
+            CmdlineError::BadHostname(why) => write!(f, "malformed vmlab.hostname: {why}"),
+            CmdlineError::BadBind(why) => write!(f, "malformed vmlab.bind: {why}"),
+            CmdlineError::BadTmpfs(why) => write!(f, "malformed vmlab.tmpfs: {why}"),
         }
     }
 }
@@ -295,6 +354,157 @@ fn split_volumes(bytes: &[u8]) -> Result<Vec<Volume>, CmdlineError> {
         .collect()
 }
 
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn os_path(b: &[u8]) -> PathBuf {
+    PathBuf::from(OsString::from_vec(b.to_vec()))
+}
+
+/// The longest host name Linux takes (`__NEW_UTS_LEN`).
+const MAX_HOSTNAME: usize = 64;
+
+fn hostname(bytes: Vec<u8>) -> Result<Vec<u8>, CmdlineError> {
+    if bytes.is_empty() {
+        return Err(CmdlineError::BadHostname("empty".to_string()));
+    }
+    if bytes.contains(&0) {
+        return Err(CmdlineError::BadHostname(format!(
+            "{:?} contains a NUL byte",
+            text(&bytes)
+        )));
+    }
+    if bytes.len() > MAX_HOSTNAME {
+        return Err(CmdlineError::BadHostname(format!(
+            "{} bytes, more than {MAX_HOSTNAME}",
+            bytes.len()
+        )));
+    }
+    Ok(bytes)
+}
+
+/// Splits the NUL-joined `SOURCE, PATH, MODE` triples of `vmlab.bind`.
+fn split_binds(bytes: &[u8]) -> Result<Vec<Bind>, CmdlineError> {
+    if bytes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let fields: Vec<&[u8]> = bytes.split(|&b| b == 0).collect();
+    if !fields.len().is_multiple_of(3) {
+        return Err(CmdlineError::BadBind(format!(
+            "{} fields, not SOURCE, PATH, MODE triples",
+            fields.len()
+        )));
+    }
+    fields
+        .chunks_exact(3)
+        .map(|f| {
+            let (source, path, mode) = (f[0], f[1], f[2]);
+            for p in [source, path] {
+                if !p.starts_with(b"/") {
+                    return Err(CmdlineError::BadBind(format!(
+                        "path {:?} is not absolute",
+                        text(p)
+                    )));
+                }
+            }
+            let readonly = match mode {
+                b"ro" => true,
+                b"rw" => false,
+                _ => {
+                    return Err(CmdlineError::BadBind(format!(
+                        "mode {:?} of {:?} is not ro or rw",
+                        text(mode),
+                        text(path)
+                    )))
+                }
+            };
+            Ok(Bind {
+                source: os_path(source),
+                path: os_path(path),
+                readonly,
+            })
+        })
+        .collect()
+}
+
+/// Turns Docker's `--tmpfs` options into mount flags (starting from
+/// [`TMPFS_DEFAULT_FLAGS`]; a later word wins) and tmpfs's own `KEY=VALUE`
+/// options, in order.
+pub fn tmpfs_options(options: &[u8]) -> Result<(libc::c_ulong, Vec<u8>), String> {
+    let mut flags = TMPFS_DEFAULT_FLAGS;
+    let mut data: Vec<u8> = Vec::new();
+    for word in options.split(|&b| b == b',').filter(|w| !w.is_empty()) {
+        let (set, clear): (libc::c_ulong, libc::c_ulong) = match word {
+            b"ro" => (libc::MS_RDONLY, 0),
+            b"rw" => (0, libc::MS_RDONLY),
+            b"noexec" => (libc::MS_NOEXEC, 0),
+            b"exec" => (0, libc::MS_NOEXEC),
+            b"nosuid" => (libc::MS_NOSUID, 0),
+            b"suid" => (0, libc::MS_NOSUID),
+            b"nodev" => (libc::MS_NODEV, 0),
+            b"dev" => (0, libc::MS_NODEV),
+            b"sync" => (libc::MS_SYNCHRONOUS, 0),
+            b"async" => (0, libc::MS_SYNCHRONOUS),
+            b"noatime" => (libc::MS_NOATIME, 0),
+            b"atime" => (0, libc::MS_NOATIME),
+            b"nodiratime" => (libc::MS_NODIRATIME, 0),
+            b"diratime" => (0, libc::MS_NODIRATIME),
+            b"relatime" => (libc::MS_RELATIME, 0),
+            b"norelatime" => (0, libc::MS_RELATIME),
+            b"strictatime" => (libc::MS_STRICTATIME, 0),
+            b"nostrictatime" => (0, libc::MS_STRICTATIME),
+            _ if word
+                .iter()
+                .position(|&b| b == b'=')
+                .is_some_and(|eq| eq > 0) =>
+            {
+                if !data.is_empty() {
+                    data.push(b',');
+                }
+                data.extend_from_slice(word);
+                continue;
+            }
+            _ => return Err(format!("unknown option {:?}", text(word))),
+        };
+        flags = (flags | set) & !clear;
+    }
+    Ok((flags, data))
+}
+
+/// Splits the NUL-joined `PATH, OPTIONS` pairs of `vmlab.tmpfs`.
+fn split_tmpfs(bytes: &[u8]) -> Result<Vec<Tmpfs>, CmdlineError> {
+    if bytes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let fields: Vec<&[u8]> = bytes.split(|&b| b == 0).collect();
+    if !fields.len().is_multiple_of(2) {
+        return Err(CmdlineError::BadTmpfs(format!(
+            "{} fields, not PATH, OPTIONS pairs",
+            fields.len()
+        )));
+    }
+    fields
+        .chunks_exact(2)
+        .map(|f| {
+            let (path, options) = (f[0], f[1]);
+            if !path.starts_with(b"/") {
+                return Err(CmdlineError::BadTmpfs(format!(
+                    "path {:?} is not absolute",
+                    text(path)
+                )));
+            }
+            let (flags, data) = tmpfs_options(options)
+                .map_err(|why| CmdlineError::BadTmpfs(format!("{}: {why}", text(path))))?;
+            Ok(Tmpfs {
+                path: os_path(path),
+                flags,
+                data,
+            })
+        })
+        .collect()
+}
+
 /// The tag of `vmlab.root`: not empty, and a C string (it is the mount's
 /// source). virtio-fs tags are UTF-8 (virtio spec, 5.11.4).
 fn root_tag(bytes: Vec<u8>) -> Result<String, CmdlineError> {
@@ -365,6 +575,22 @@ fn apply(cfg: &mut Config, name: &[u8], value: Option<&[u8]>) -> Result<(), Cmdl
         b"env" => cfg.env = split_env(&hex_param(&pname, v)?)?,
         b"fs" => cfg.volumes = split_volumes(&hex_param(&pname, v)?)?,
         b"root" => cfg.root_fs = Some(root_tag(hex_param(&pname, v)?)?),
+        b"rootmode" => {
+            cfg.root_mode = match v {
+                b"overlay" => RootMode::Overlay,
+                b"rw" => RootMode::ReadWrite,
+                b"ro" => RootMode::ReadOnly,
+                _ => {
+                    return Err(CmdlineError::BadValue {
+                        param: pname,
+                        value: text(v),
+                    })
+                }
+            }
+        }
+        b"hostname" => cfg.hostname = Some(hostname(hex_param(&pname, v)?)?),
+        b"bind" => cfg.binds = split_binds(&hex_param(&pname, v)?)?,
+        b"tmpfs" => cfg.tmpfs = split_tmpfs(&hex_param(&pname, v)?)?,
         b"workdir" => {
             let dir = hex_param(&pname, v)?;
             if dir.is_empty() || dir.contains(&0) {
@@ -633,6 +859,122 @@ mod tests {
             parse(b"vmlab=root:7"),
             Err(CmdlineError::Hex { ref param, .. }) if param == "vmlab.root"
         ));
+    }
+
+    #[test]
+    fn root_mode_hostname_binds_and_tmpfs() {
+        let bind = encode_hex(
+            b"/dev/.vmlab/vmlabf/0\0/etc/hosts\0rw\0/dev/.vmlab/vmlabfro/1\0/etc/resolv.conf\0ro",
+        );
+        let tmpfs = encode_hex(b"/run\0size=64m,mode=755\0/scratch\0");
+        let line = format!(
+            "vmlab=tty:0,root:72,rootmode:rw,hostname:{},bind:{bind},tmpfs:{tmpfs}",
+            encode_hex(b"web-1")
+        );
+        let cfg = parse(line.as_bytes()).unwrap();
+        assert_eq!(cfg.root_mode, RootMode::ReadWrite);
+        assert_eq!(cfg.hostname.as_deref(), Some(&b"web-1"[..]));
+        assert_eq!(
+            cfg.binds,
+            vec![
+                Bind {
+                    source: PathBuf::from("/dev/.vmlab/vmlabf/0"),
+                    path: PathBuf::from("/etc/hosts"),
+                    readonly: false,
+                },
+                Bind {
+                    source: PathBuf::from("/dev/.vmlab/vmlabfro/1"),
+                    path: PathBuf::from("/etc/resolv.conf"),
+                    readonly: true,
+                },
+            ]
+        );
+        assert_eq!(
+            cfg.tmpfs,
+            vec![
+                Tmpfs {
+                    path: PathBuf::from("/run"),
+                    flags: TMPFS_DEFAULT_FLAGS,
+                    data: b"size=64m,mode=755".to_vec(),
+                },
+                Tmpfs {
+                    path: PathBuf::from("/scratch"),
+                    flags: TMPFS_DEFAULT_FLAGS,
+                    data: Vec::new(),
+                },
+            ]
+        );
+        assert_eq!(
+            parse(b"vmlab=rootmode:ro").unwrap().root_mode,
+            RootMode::ReadOnly
+        );
+        assert_eq!(
+            parse(b"vmlab=rootmode:overlay").unwrap().root_mode,
+            RootMode::Overlay
+        );
+        // Defaults: none of it.
+        let cfg = parse(b"vmlab=tty:0,root:72").unwrap();
+        assert_eq!(cfg.root_mode, RootMode::Overlay);
+        assert!(cfg.hostname.is_none() && cfg.binds.is_empty() && cfg.tmpfs.is_empty());
+    }
+
+    #[test]
+    fn tmpfs_option_words() {
+        let (flags, data) = tmpfs_options(b"rw,exec,size=1m,suid,mode=1777,ro,noatime").unwrap();
+        assert_eq!(
+            flags,
+            libc::MS_NODEV | libc::MS_RDONLY | libc::MS_NOATIME,
+            "exec and suid clear the defaults; the later ro wins"
+        );
+        assert_eq!(data, b"size=1m,mode=1777");
+        assert_eq!(tmpfs_options(b"").unwrap(), (TMPFS_DEFAULT_FLAGS, vec![]));
+        assert_eq!(
+            tmpfs_options(b"bogus").unwrap_err(),
+            "unknown option \"bogus\""
+        );
+        assert!(tmpfs_options(b"=1").is_err());
+    }
+
+    #[test]
+    fn malformed_new_settings_are_errors() {
+        let err = |line: String| parse(line.as_bytes()).unwrap_err().to_string();
+        assert_eq!(
+            err("vmlab=rootmode:rx".into()),
+            "malformed vmlab.rootmode: unexpected value \"rx\""
+        );
+        assert_eq!(
+            err("vmlab=hostname:".into()),
+            "malformed vmlab.hostname: empty"
+        );
+        assert_eq!(
+            err(format!("vmlab=hostname:{}", encode_hex(&[b'h'; 65]))),
+            "malformed vmlab.hostname: 65 bytes, more than 64"
+        );
+        assert!(err(format!("vmlab=hostname:{}", encode_hex(b"a\0b"))).contains("NUL"));
+        assert_eq!(
+            err(format!("vmlab=bind:{}", encode_hex(b"/a\0/b"))),
+            "malformed vmlab.bind: 2 fields, not SOURCE, PATH, MODE triples"
+        );
+        assert_eq!(
+            err(format!("vmlab=bind:{}", encode_hex(b"a\0/b\0ro"))),
+            "malformed vmlab.bind: path \"a\" is not absolute"
+        );
+        assert_eq!(
+            err(format!("vmlab=bind:{}", encode_hex(b"/a\0/b\0RW"))),
+            "malformed vmlab.bind: mode \"RW\" of \"/b\" is not ro or rw"
+        );
+        assert_eq!(
+            err(format!("vmlab=tmpfs:{}", encode_hex(b"/run"))),
+            "malformed vmlab.tmpfs: 1 fields, not PATH, OPTIONS pairs"
+        );
+        assert_eq!(
+            err(format!("vmlab=tmpfs:{}", encode_hex(b"run\0"))),
+            "malformed vmlab.tmpfs: path \"run\" is not absolute"
+        );
+        assert_eq!(
+            err(format!("vmlab=tmpfs:{}", encode_hex(b"/run\0x"))),
+            "malformed vmlab.tmpfs: /run: unknown option \"x\""
+        );
     }
 
     #[test]

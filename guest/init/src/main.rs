@@ -14,7 +14,8 @@
 //!
 //! Exit statuses follow docker: the command's own status, 128+N if killed by
 //! signal N, 127 if it was not found (or the `vmlab.*` parameters are
-//! malformed, or a virtio-fs share could not be mounted or made the root),
+//! malformed, or a virtio-fs share, a file bind or a tmpfs could not be
+//! mounted, or the root share not made the root),
 //! 126 if it could not be executed, 125 if init itself failed.
 
 mod agent;
@@ -27,6 +28,7 @@ mod user;
 
 use std::ffi::OsString;
 use std::io::{self, Read};
+use std::os::unix::ffi::OsStringExt;
 use std::path::Path;
 
 use status::{Event, StatusPort};
@@ -74,6 +76,10 @@ pub fn errno_text(err: &io::Error) -> String {
     }
 }
 
+/// The host name `vmlab.hostname` set, if any (for the commands'
+/// `HOSTNAME`, the agent's too).
+static HOSTNAME_SET: std::sync::OnceLock<OsString> = std::sync::OnceLock::new();
+
 /// The command's environment: a fixed base, then `vmlab.env` (which may
 /// override any of it). Nothing comes from init's own environment, which
 /// holds whatever the kernel passed (TERM=linux, HOME=/, stray parameters).
@@ -81,7 +87,13 @@ fn build_env(extra: &[(OsString, OsString)], tty: bool, home: &Path) -> Vec<(OsS
     let mut env: Vec<(OsString, OsString)> = vec![
         ("PATH".into(), PATH.into()),
         ("HOME".into(), home.as_os_str().to_owned()),
-        ("HOSTNAME".into(), HOSTNAME.into()),
+        (
+            "HOSTNAME".into(),
+            HOSTNAME_SET
+                .get()
+                .cloned()
+                .unwrap_or_else(|| HOSTNAME.into()),
+        ),
     ];
     if tty {
         env.push(("TERM".into(), TTY_TERM.into()));
@@ -152,11 +164,22 @@ fn run(signals: &Signals, opts: &Options, mounted: &[&std::ffi::CStr]) -> Outcom
     if let Err(e) = console::set_mode(cfg.tty) {
         warning!("set console mode: {}", errno_text(&e));
     }
+    if let Some(name) = &cfg.hostname {
+        if let Err(e) = mounts::set_hostname(name) {
+            error!(
+                "sethostname {}: {}",
+                String::from_utf8_lossy(name),
+                errno_text(&e)
+            );
+            return Outcome::Exited(EXIT_INIT_FAILURE);
+        }
+        let _ = HOSTNAME_SET.set(OsString::from_vec(name.clone()));
+    }
     // The root first, then the shares (whose mount points may be created
     // in the root's writable layer): the user's files (/etc/passwd), the
     // working directory and the command itself may all live in them.
     if let Some(tag) = &cfg.root_fs {
-        if let Err(e) = mounts::switch_root(tag, mounted) {
+        if let Err(e) = mounts::switch_root(tag, cfg.root_mode, mounted) {
             error!("cannot use virtio-fs share {tag} as the root: {e}");
             return Outcome::Exited(EXIT_BAD_CMDLINE);
         }
@@ -167,6 +190,29 @@ fn run(signals: &Signals, opts: &Options, mounted: &[&std::ffi::CStr]) -> Outcom
                 "cannot mount virtio-fs share {} at {}: {}",
                 v.tag.to_string_lossy(),
                 v.path.display(),
+                errno_text(&e)
+            );
+            return Outcome::Exited(EXIT_BAD_CMDLINE);
+        }
+    }
+    // Files of the shares just mounted (under /dev/.vmlab), then tmpfs
+    // mounts, which may go over anything before them.
+    for b in &cfg.binds {
+        if let Err(e) = mounts::bind_file(b) {
+            error!(
+                "cannot bind-mount {} onto {}: {}",
+                b.source.display(),
+                b.path.display(),
+                errno_text(&e)
+            );
+            return Outcome::Exited(EXIT_BAD_CMDLINE);
+        }
+    }
+    for t in &cfg.tmpfs {
+        if let Err(e) = mounts::mount_tmpfs(t) {
+            error!(
+                "cannot mount a tmpfs at {}: {}",
+                t.path.display(),
                 errno_text(&e)
             );
             return Outcome::Exited(EXIT_BAD_CMDLINE);
@@ -302,7 +348,9 @@ fn main() {
     install_panic_hook();
 
     mounts::mount_rest(&mut mounted);
-    mounts::set_hostname(HOSTNAME);
+    if let Err(e) = mounts::set_hostname(HOSTNAME.as_bytes()) {
+        warning!("sethostname {HOSTNAME}: {}", errno_text(&e));
+    }
     mounts::loopback_up();
 
     let opts = Options::default();

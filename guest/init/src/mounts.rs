@@ -1,7 +1,8 @@
 //! The early system setup PID 1 owes its command: pseudo filesystems, the
-//! root of `vmlab.root` (a virtio-fs share with a tmpfs layer over it), the
-//! virtio-fs shares of `vmlab.fs`, a hostname and a working loopback
-//! interface.
+//! root of `vmlab.root` (a virtio-fs share, with a tmpfs layer over it or
+//! by itself), the virtio-fs shares of `vmlab.fs`, the file binds of
+//! `vmlab.bind`, the tmpfs mounts of `vmlab.tmpfs`, a hostname and a
+//! working loopback interface.
 //!
 //! Every system call costs ~0.4 ms in this project's test guests, so each
 //! step takes the shortest path: mount first and create the directory only
@@ -15,7 +16,7 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-use crate::cmdline::Volume;
+use crate::cmdline::{Bind, RootMode, Tmpfs, Volume};
 use crate::{errno_text, warning};
 
 /// One mount to perform.
@@ -243,6 +244,65 @@ pub fn mount_volume(v: &Volume) -> io::Result<()> {
     })
 }
 
+/// Bind-mounts the file `b.source` onto `b.path` (remounted read-only if
+/// asked), as runc does a file mount: a missing `b.path` is created as an
+/// empty file, with its parent directories, when the mount says it is
+/// missing.
+pub fn bind_file(b: &Bind) -> io::Result<()> {
+    let source = c_string(b.source.as_os_str().as_bytes())?;
+    let target = c_string(b.path.as_os_str().as_bytes())?;
+    let bind = || sys_mount(&source, &target, None, libc::MS_BIND, None);
+    match bind() {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) && b.source.exists() => {
+            create_file(&b.path).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("create the mount point: {}", errno_text(&e)),
+                )
+            })?;
+            bind()
+        }
+        other => other,
+    }?;
+    if b.readonly {
+        // A bind takes no flags but MS_REC: read-only is a remount.
+        sys_mount(
+            c"none",
+            &target,
+            None,
+            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+            None,
+        )?;
+    }
+    Ok(())
+}
+
+/// Creates `path` as an empty file (an existing one is left as it is),
+/// with its parent directories.
+fn create_file(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o644)
+        .open(path)
+        .map(drop)
+}
+
+/// Mounts the tmpfs `t` (its mount point created with its parents if
+/// missing).
+pub fn mount_tmpfs(t: &Tmpfs) -> io::Result<()> {
+    let path = c_string(t.path.as_os_str().as_bytes())?;
+    let data = c_string(&t.data)?;
+    mount_creating(&t.path, || {
+        sys_mount(c"tmpfs", &path, Some(c"tmpfs"), t.flags, Some(&data))
+    })
+}
+
 /// Runs `mount`; if it fails with ENOENT (virtiofs reports an unknown tag
 /// as EINVAL, so ENOENT is the mount point), creates `target` with its
 /// parents and runs it once more.
@@ -293,18 +353,61 @@ fn step<T>(step: impl Into<String>, result: io::Result<T>) -> Result<T, StepErro
     })
 }
 
-/// Makes the virtio-fs share `tag`, read-only, with a tmpfs over it for the
-/// writes (overlayfs), the root file system, and moves the pseudo file
-/// systems of `mounted` (top-level mount points) into it. Called on the
+/// Makes the virtio-fs share `tag` the root file system and moves the
+/// pseudo file systems of `mounted` (top-level mount points) into it:
+/// [`RootMode::Overlay`], the share read-only with a tmpfs over it for the
+/// writes (overlayfs); otherwise the share itself, read-write or
+/// read-only (where a missing mount point of a pseudo file system cannot
+/// be created: that one is left behind, with a warning). Called on the
 /// initramfs root, whose rootfs is writable; init keeps running from memory,
 /// so the share need not contain it. About 16 system calls.
-pub fn switch_root(tag: &str, mounted: &[&CStr]) -> Result<(), StepError> {
+pub fn switch_root(tag: &str, mode: RootMode, mounted: &[&CStr]) -> Result<(), StepError> {
     let tag = step("the tag", c_string(tag.as_bytes()))?;
+    if mode == RootMode::Overlay {
+        overlay_root(&tag)?;
+    } else {
+        let flags = if mode == RootMode::ReadOnly {
+            libc::MS_RDONLY
+        } else {
+            0
+        };
+        step("create /.vmlab/root", mkdir_parents(NEW_ROOT))?;
+        step(
+            "mount virtiofs on /.vmlab/root",
+            sys_mount(&tag, NEW_ROOT, Some(c"virtiofs"), flags, None),
+        )?;
+    }
+    // /dev, /proc, ... go along (/dev/pts with /dev).
+    for fs in mounted {
+        match move_into_new_root(fs) {
+            Err(e) if mode == RootMode::ReadOnly && e.err.raw_os_error() == Some(libc::EROFS) => {
+                warning!(
+                    "the read-only root has no {}: not mounted there",
+                    fs.to_string_lossy()
+                );
+            }
+            other => other?,
+        }
+    }
+    // Make it `/`, as switch_root(8) does (pivot_root cannot take rootfs
+    // away).
+    step("chdir /.vmlab/root", chdir(NEW_ROOT))?;
+    step(
+        "move /.vmlab/root to /",
+        sys_mount(c".", c"/", None, libc::MS_MOVE, None),
+    )?;
+    step("chroot", chroot(c"."))?;
+    step("chdir /", chdir(c"/"))
+}
+
+/// The share `tag` read-only at [`LOWER`], a tmpfs for the writes, and
+/// the overlay of the two at [`NEW_ROOT`].
+fn overlay_root(tag: &CStr) -> Result<(), StepError> {
     // The image, read-only.
     step("create /.vmlab/lower", mkdir_parents(LOWER))?;
     step(
         "mount virtiofs on /.vmlab/lower",
-        sys_mount(&tag, LOWER, Some(c"virtiofs"), libc::MS_RDONLY, None),
+        sys_mount(tag, LOWER, Some(c"virtiofs"), libc::MS_RDONLY, None),
     )?;
     // The run's writes.
     step("create /.vmlab/rw", mkdir_parents(RW))?;
@@ -325,20 +428,7 @@ pub fn switch_root(tag: &str, mounted: &[&CStr]) -> Result<(), StepError> {
             0,
             Some(OVERLAY_OPTIONS),
         ),
-    )?;
-    // /dev, /proc, ... go along (/dev/pts with /dev).
-    for fs in mounted {
-        move_into_new_root(fs)?;
-    }
-    // Make it `/`, as switch_root(8) does (pivot_root cannot take rootfs
-    // away).
-    step("chdir /.vmlab/root", chdir(NEW_ROOT))?;
-    step(
-        "move /.vmlab/root to /",
-        sys_mount(c".", c"/", None, libc::MS_MOVE, None),
-    )?;
-    step("chroot", chroot(c"."))?;
-    step("chdir /", chdir(c"/"))
+    )
 }
 
 /// Moves the mount at `fs` (and those under it) to the same path in
@@ -402,11 +492,12 @@ fn chroot(path: &CStr) -> io::Result<()> {
 }
 
 /// Sets the hostname (the UTS name seen by `hostname` and `uname -n`).
-pub fn set_hostname(name: &str) {
+pub fn set_hostname(name: &[u8]) -> io::Result<()> {
     // SAFETY: pointer and length describe a live byte slice.
     if unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) } != 0 {
-        warning!("sethostname {name}: {}", errno_text(&last_err()));
+        return Err(last_err());
     }
+    Ok(())
 }
 
 /// Brings up the loopback interface so `localhost` works inside the guest
