@@ -1,8 +1,9 @@
 //! The initramfs of a VM whose root file system comes over virtio-fs
-//! (`vmlab run --image --root-device fs`): vmlab's guest init as `/init`,
-//! the directories it mounts on, and `/dev/console`, in the cpio "newc"
-//! format the kernel unpacks. Nothing of the image is in it: the init
-//! mounts the image's share read-only with a tmpfs layer over it and
+//! (`vmlab run --image --root-device fs`, `vmlab run --rootfs DIR`):
+//! vmlab's guest init as `/init`, the directories it mounts on, and
+//! `/dev/console`, in the cpio "newc" format the kernel unpacks. Nothing
+//! of the image is in it: the init mounts the root share (read-only with a
+//! tmpfs layer over it, or by itself for `--rootfs-mode rw|ro`) and
 //! switches root there (guest/init). Built once per init binary and
 //! cached next to the images (`initrd-<init digest>.cpio`, renamed into
 //! place).
