@@ -12,6 +12,10 @@ scripts/build-guest.sh
 # shellcheck source=scripts/lib/apt.sh
 . "$repo/scripts/lib/apt.sh"
 apt_install_missing runc iproute2 || { echo "demo: cannot install runc, iproute2" >&2; exit 1; }
+# The container engines that run vmlab as an OCI runtime (README: "vmlab as
+# an OCI runtime"); installed only, not started (scripts/engines.sh does that).
+apt_install_missing docker.io docker-compose podman containernetworking-plugins \
+  || { echo "demo: cannot install docker.io, docker-compose, podman, containernetworking-plugins" >&2; exit 1; }
 echo "demo: building vmlab (release)"
 cargo build --release --quiet --bin vmlab
 echo "demo: booting a micro-VM (about a minute on a nested-KVM host, well under a second on hardware KVM)"

@@ -16,6 +16,10 @@ apt_install_missing iproute2 iputils-ping || { echo "test: cannot install iprout
 # QEMU: the peer tests/bench.rs runs scripts/bench.py against (it reports
 # the QEMU figures as "not installed" without it).
 apt_install_missing qemu-system-x86 || { echo "test: cannot install qemu-system-x86" >&2; exit 1; }
+# The container engines the OCI-runtime tests drive vmlab-runtime from
+# (installed, not started: scripts/engines.sh starts and stops them).
+apt_install_missing docker.io docker-compose podman containernetworking-plugins iproute2 \
+  || { echo "test: cannot install docker.io, docker-compose, podman, containernetworking-plugins" >&2; exit 1; }
 echo "test: cargo fmt --check"
 cargo fmt --all -- --check
 echo "test: cargo clippy"
