@@ -34,6 +34,7 @@ pub mod host;
 pub mod image;
 pub mod instances;
 pub mod named;
+pub mod oci;
 pub mod profile;
 pub mod rate_limiter;
 pub mod raw;
