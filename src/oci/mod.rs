@@ -22,6 +22,7 @@
 // Work in progress: `monitor.rs` (written, not yet compiled) and the
 // runc-compatible `cli` that dispatches to it are not in the build yet;
 // `vmlab-runtime` does not answer until they are.
+pub mod net;
 pub mod process;
 pub mod spec;
 pub mod state;
