@@ -98,16 +98,27 @@ pub const DEFAULT_CID: u64 = 3;
 /// The guest profiler's sampling period (`--profile-guest`).
 const PROFILE_PERIOD: Duration = Duration::from_millis(10);
 
+/// An `--image` as the VM boots it.
+#[derive(Clone, Copy)]
+pub enum ImageBoot<'a> {
+    /// `--root-device block`: the per-run copy of its ext4 disk.
+    Disk(&'a VmImage),
+    /// `--root-device fs`: its cached directory over virtio-fs (`run`
+    /// starts the share and passes the initramfs as `--initrd`).
+    Fs(&'a crate::image::FsImage),
+}
+
 /// The VM that `args` describe. `args` is consumed: its disks and
-/// command move into the configuration. With `image`, the image's disk
-/// comes first (/dev/vda) and the init runs the image's process. Fails
+/// command move into the configuration. With `image`, the init runs the
+/// image's process (a disk image's disk comes first, /dev/vda), with
+/// `--env`, `--workdir`, `--user` and `--hostname` over it. Fails
 /// (a usage error) when `--vsock` names no socket. `named`: the state
 /// directory of a named VM, which always gets a vsock device with its
 /// socket there (where exec, kill and stop look for it).
 pub fn vm_config(
     args: RunArgs,
     host: HostKind,
-    image: Option<&VmImage>,
+    image: Option<ImageBoot<'_>>,
     streams: Streams,
     named: Option<&Paths>,
 ) -> Result<VmConfig, Error> {
@@ -165,8 +176,13 @@ pub fn vm_config(
     };
     let mut disks = args.disk;
     let mut cmdline = args.cmdline;
-    if let Some(image) = image {
-        boot_image(image, &mut init, &mut disks, &mut cmdline);
+    match image {
+        Some(ImageBoot::Disk(image)) => boot_image(image, &mut init, &mut disks, &mut cmdline),
+        Some(ImageBoot::Fs(image)) => {
+            image_process(&mut init, &image.argv, &image.config);
+            init.root_fs = Some(crate::volumes::ROOT_TAG.to_string());
+        }
+        None => {}
     }
     if args.rootfs.is_some() {
         // `run` starts the share and passes the initramfs as --initrd.
@@ -231,16 +247,6 @@ struct ProcessFlags {
 }
 
 impl ProcessFlags {
-    /// The flags of `args`.
-    fn of(args: &RunArgs) -> ProcessFlags {
-        ProcessFlags {
-            env: args.env.clone(),
-            workdir: args.workdir.clone(),
-            user: args.user.clone(),
-            hostname: args.hostname.clone(),
-        }
-    }
-
     /// Sets them on `init`, after the image's values: the environment
     /// entries go after the image's (the init lets a later entry win),
     /// the rest replace the image's.
@@ -355,17 +361,16 @@ pub fn run(
         None => None,
     };
     let fs_args = std::mem::take(&mut args.fs);
-    let flags = ProcessFlags::of(&args);
-    let mut config = vm_config(args, host, image.as_ref(), streams, owner.map(|o| &o.paths))?;
+    let boot = match (&image, &fs_image) {
+        (Some(i), _) => Some(ImageBoot::Disk(i)),
+        (None, Some(i)) => Some(ImageBoot::Fs(i)),
+        (None, None) => None,
+    };
+    let mut config = vm_config(args, host, boot, streams, owner.map(|o| &o.paths))?;
     config.trace = tracer.as_ref().and_then(Tracer::sender);
     config.fs = shares.devices();
     config.init.volumes = shares.guest_volumes().to_vec();
     config.init.binds = shares.guest_binds().to_vec();
-    if let Some(i) = &fs_image {
-        image_process(&mut config.init, &i.argv, &i.config);
-        flags.apply(&mut config.init);
-        config.init.root_fs = Some(crate::volumes::ROOT_TAG.to_string());
-    }
     for f in fs_args {
         if let Some(path) = f.path {
             config.init.volumes.push(GuestVolume {

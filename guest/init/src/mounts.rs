@@ -252,17 +252,10 @@ pub fn bind_file(b: &Bind) -> io::Result<()> {
     let source = c_string(b.source.as_os_str().as_bytes())?;
     let target = c_string(b.path.as_os_str().as_bytes())?;
     let bind = || sys_mount(&source, &target, None, libc::MS_BIND, None);
-    match bind() {
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) && b.source.exists() => {
-            create_file(&b.path).map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("create the mount point: {}", errno_text(&e)),
-                )
-            })?;
-            bind()
-        }
-        other => other,
+    match b.source.exists() {
+        // ENOENT is then the mount point's.
+        true => mount_creating_with(&b.path, create_file, bind),
+        false => bind(),
     }?;
     if b.readonly {
         // A bind takes no flags but MS_REC: read-only is a remount.
@@ -306,10 +299,20 @@ pub fn mount_tmpfs(t: &Tmpfs) -> io::Result<()> {
 /// Runs `mount`; if it fails with ENOENT (virtiofs reports an unknown tag
 /// as EINVAL, so ENOENT is the mount point), creates `target` with its
 /// parents and runs it once more.
-fn mount_creating(target: &Path, mut mount: impl FnMut() -> io::Result<()>) -> io::Result<()> {
+fn mount_creating(target: &Path, mount: impl FnMut() -> io::Result<()>) -> io::Result<()> {
+    mount_creating_with(target, |p| std::fs::create_dir_all(p), mount)
+}
+
+/// [`mount_creating`] with `create` making the mount point (a directory,
+/// or for a file bind an empty file).
+fn mount_creating_with(
+    target: &Path,
+    create: impl FnOnce(&Path) -> io::Result<()>,
+    mut mount: impl FnMut() -> io::Result<()>,
+) -> io::Result<()> {
     match mount() {
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-            std::fs::create_dir_all(target).map_err(|e| {
+            create(target).map_err(|e| {
                 io::Error::new(
                     e.kind(),
                     format!("create the mount point: {}", errno_text(&e)),
