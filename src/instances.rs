@@ -86,7 +86,9 @@ fn wait_gone(root: &Path, name: &str, pid: Option<u32>, timeout: Duration) -> Re
     }
 }
 
-/// `vmlab exec`.
+/// `vmlab exec` (also the file an OCI exec process reads,
+/// [`crate::oci::process`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ExecOptions {
     /// The VM.
     pub name: String,

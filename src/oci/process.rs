@@ -20,9 +20,8 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
 use super::{Error, Result};
+use crate::instances::ExecOptions;
 
 /// A pty pair.
 pub struct Pty {
@@ -108,44 +107,28 @@ pub fn attach_terminal(fd: i32) -> std::io::Result<()> {
     Ok(())
 }
 
-/// What an exec process runs in the guest (the file `__exec` reads).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ExecSpec {
-    /// The VM's name under [`super::state::VM_ROOT`].
-    pub vm: String,
-    /// argv.
-    pub args: Vec<String>,
-    /// `KEY=VALUE`.
-    pub env: Vec<String>,
-    /// Working directory.
-    pub cwd: Option<String>,
-    /// `uid:gid`.
-    pub user: Option<String>,
-    /// A terminal.
-    pub tty: bool,
-}
-
-impl ExecSpec {
-    /// The exec for an OCI `process` JSON (`exec --process FILE`).
-    pub fn from_process(vm: &str, p: &oci_spec::runtime::Process) -> Result<ExecSpec> {
-        let args = p.args().clone().unwrap_or_default();
-        if args.is_empty() || args[0].is_empty() {
-            return Err(Error::msg("the process has no args"));
-        }
-        let cwd = p
-            .cwd()
-            .to_str()
-            .filter(|c| !c.is_empty())
-            .map(str::to_string);
-        Ok(ExecSpec {
-            vm: vm.to_string(),
-            args,
-            env: p.env().clone().unwrap_or_default(),
-            cwd,
-            user: Some(format!("{}:{}", p.user().uid(), p.user().gid())),
-            tty: p.terminal().unwrap_or(false),
-        })
+/// The exec for an OCI `process` JSON (`exec --process FILE`) in VM `vm`:
+/// what the `__exec` process reads from its file. Its stdin is always
+/// forwarded (the engine gives /dev/null without `-i`).
+pub fn exec_options(vm: &str, p: &oci_spec::runtime::Process) -> Result<ExecOptions> {
+    let args = p.args().clone().unwrap_or_default();
+    if args.is_empty() || args[0].is_empty() {
+        return Err(Error::msg("the process has no args"));
     }
+    let workdir = p
+        .cwd()
+        .to_str()
+        .filter(|c| !c.is_empty())
+        .map(str::to_string);
+    Ok(ExecOptions {
+        name: vm.to_string(),
+        command: args,
+        env: p.env().clone().unwrap_or_default(),
+        workdir,
+        user: Some(format!("{}:{}", p.user().uid(), p.user().gid())),
+        interactive: true,
+        tty: p.terminal().unwrap_or(false),
+    })
 }
 
 /// How long an exec waits for a booting guest's agent.
@@ -153,11 +136,11 @@ const AGENT_WAIT: Duration = Duration::from_secs(120);
 
 /// The `__exec` process: runs `spec` in the guest, returns its status.
 pub fn exec_main(spec_file: &Path) -> u8 {
-    let spec: ExecSpec = match std::fs::read(spec_file)
+    let opts: ExecOptions = match std::fs::read(spec_file)
         .map_err(|e| e.to_string())
         .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
     {
-        Ok(s) => s,
+        Ok(o) => o,
         Err(e) => {
             eprintln!("vmlab-runtime: exec: {}: {e}", spec_file.display());
             return 125;
@@ -165,19 +148,10 @@ pub fn exec_main(spec_file: &Path) -> u8 {
     };
     let _ = std::fs::remove_file(spec_file);
     let root = Path::new(super::state::VM_ROOT);
-    if let Err(e) = wait_for_agent(root, &spec.vm, AGENT_WAIT) {
+    if let Err(e) = wait_for_agent(root, &opts.name, AGENT_WAIT) {
         eprintln!("vmlab-runtime: exec: {e}");
         return 125;
     }
-    let opts = crate::instances::ExecOptions {
-        name: spec.vm,
-        command: spec.args,
-        env: spec.env,
-        workdir: spec.cwd,
-        user: spec.user,
-        interactive: true,
-        tty: spec.tty,
-    };
     match crate::instances::exec(root, opts) {
         Ok(code) => code,
         Err(e) => {
