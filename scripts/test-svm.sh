@@ -154,6 +154,8 @@ done
 # virtiofsd (tests/fs.rs) links libseccomp and libcap-ng.
 with_libs "$repo/target/guest/virtiofsd"
 cp -a "$repo/target/guest/sample-image" "$stage$repo/target/guest/"
+# The busybox tree tests/fs.rs boots as a --rootfs directory.
+cp -a "$repo/target/guest/rootfs-tree" "$stage$repo/target/guest/"
 for f in vmlab-init vmlab-workload; do
   with_libs "$repo/target/x86_64-unknown-linux-gnu/release/$f"
 done
