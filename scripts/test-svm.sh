@@ -199,7 +199,9 @@ export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
-mount -t tmpfs tmp /tmp
+# Not over a checkout staged under /tmp (a clone in /tmp/...): the
+# initramfs's own /tmp is writable too.
+[ -n "$(ls -A /tmp)" ] || mount -t tmpfs tmp /tmp
 mount -t tmpfs run /run
 ip link set lo up
 for m in /lib/modules/*.ko; do
