@@ -5,10 +5,38 @@
 #                        /etc/passwd and /etc/group with root (0:0) and
 #                        user (1000:1000, home /home/user), /tmp (1777);
 #                        CMD ["/bin/sh"].
-# The root file system is a reproducible tar (fixed mtimes and owners,
+#   vmlab-postgres:test  PostgreSQL 15 from the host's Debian packages
+#                        (postgresql-15, postgresql-client-15; installed if
+#                        missing): their files without docs, man pages,
+#                        translations, JIT (llvmjit, bitcode) and pgxs, the
+#                        ldd closure of their binaries and modules, tzdata's
+#                        zoneinfo (without right/), busybox's applets (/bin/sh,
+#                        su, ...) in a merged-/usr layout, the user postgres
+#                        (999:999, home /var/lib/postgresql) and
+#                        /usr/local/bin/docker-entrypoint.sh, a small subset of
+#                        the official image's: when $PGDATA (default
+#                        /var/lib/postgresql/data) has no PG_VERSION it runs
+#                        initdb as postgres (--locale=C --encoding=UTF8,
+#                        POSTGRES_USER, POSTGRES_PASSWORD, POSTGRES_INITDB_ARGS),
+#                        sets listen_addresses='*', appends
+#                        "host all all all METHOD" to pg_hba.conf (METHOD:
+#                        POSTGRES_HOST_AUTH_METHOD, else scram-sha-256 with a
+#                        POSTGRES_PASSWORD, else trust; the official image
+#                        refuses to start without a password, this one
+#                        trusts), creates POSTGRES_DB and runs
+#                        /docker-entrypoint-initdb.d/*.sql and *.sh, then execs
+#                        postgres as user postgres. Arguments that are not
+#                        postgres options are run instead, so the image is a
+#                        client too (psql, pg_isready, ... are in PATH);
+#                        CMD ["/usr/local/bin/docker-entrypoint.sh"],
+#                        ENV PGDATA and PATH, EXPOSE 5432 (docker import takes no STOPSIGNAL); no
+#                        VOLUME (so containers leave no anonymous volumes).
+# Each root file system is a reproducible tar (fixed mtimes and owners,
 # sorted), cached as ${XDG_CACHE_HOME:-~/.cache}/vmlab/oci-images/KEY.tar,
-# KEY (busybox-DIGEST) being a digest of its inputs (busybox's bytes and this script's
-# recipe). The image carries the label org.vmlab.input=KEY; an image that
+# KEY (busybox-DIGEST, postgres-DIGEST) being a digest of its inputs: this
+# script's recipe, and for busybox its bytes, for postgres the installed
+# versions of its Debian packages and the sha256 of every host file that
+# goes in. The image carries the label org.vmlab.input=KEY; an image that
 # already has it is not imported again.
 #
 # Usage: scripts/build-oci-images.sh [--podman] [--no-docker] [--force]
@@ -34,9 +62,13 @@ while [ $# -gt 0 ]; do
 done
 [ "$use_docker" -eq 1 ] || [ "$use_podman" -eq 1 ] || die "nothing to load into (--no-docker without --podman)"
 
+# The Debian packages whose files make up vmlab-postgres:test.
+pg_packages=(postgresql-15 postgresql-client-15)
+
 # shellcheck source=scripts/lib/apt.sh
 . "$repo/scripts/lib/apt.sh"
-apt_install_missing busybox-static python3 || die "cannot install busybox-static, python3"
+apt_install_missing busybox-static python3 tzdata "${pg_packages[@]}" \
+  || die "cannot install busybox-static, python3, tzdata, ${pg_packages[*]}"
 
 cache="${XDG_CACHE_HOME:-$HOME/.cache}/vmlab/oci-images"
 mkdir -p "$cache"
@@ -58,60 +90,265 @@ group='root:x:0:
 user:x:1000:
 '
 
-# Writes the busybox root's tar to $1.
-busybox_rootfs_tar() {
-  python3 - "$1" /bin/busybox "$passwd" "$group" <<'PY'
-import io, os, subprocess, sys, tarfile
-out, busybox, passwd, group = sys.argv[1:5]
-applets = subprocess.run([busybox, "--list-full"], check=True, capture_output=True,
-                         text=True).stdout.split()
-entries = {}
-def d(path, mode=0o755):
-    entries[path] = ("dir", mode, None)
-for p in ["bin", "sbin", "usr", "usr/bin", "usr/sbin", "etc", "root", "home",
-          "proc", "sys", "dev", "run", "var", "var/tmp", "mnt"]:
-    d(p)
-d("root", 0o700)
-d("tmp", 0o1777)
-entries["home/user"] = ("dir", 0o755, (1000, 1000))
-with open(busybox, "rb") as f:
-    entries["bin/busybox"] = ("file", 0o755, f.read())
-entries["etc/passwd"] = ("file", 0o644, passwd.encode())
-entries["etc/group"] = ("file", 0o644, group.encode())
-for a in applets:
-    a = a.lstrip("/")
-    if a == "bin/busybox" or a in entries:
-        continue
-    parent = os.path.dirname(a)
-    if parent not in entries:
+# The recipe of the postgres root, besides its packages and host files.
+postgres_recipe_version=1
+pg_uid=999
+pg_passwd="root:x:0:0:root:/root:/bin/sh
+postgres:x:$pg_uid:$pg_uid:PostgreSQL administrator:/var/lib/postgresql:/bin/sh
+nobody:x:65534:65534:nobody:/nonexistent:/bin/false
+"
+pg_group="root:x:0:
+postgres:x:$pg_uid:
+nogroup:x:65534:
+"
+pg_path=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/usr/lib/postgresql/15/bin
+# Busybox ash, not bash: the image has no bash.
+pg_entrypoint="$(cat <<'SH'
+#!/bin/sh
+# vmlab-postgres:test (scripts/build-oci-images.sh): a small subset of the
+# official postgres image's docker-entrypoint.sh.
+set -eu
+: "${PGDATA:=/var/lib/postgresql/data}"
+export PGDATA
+# No arguments, or options: the server. Anything else (psql ...): run it.
+if [ "$#" -eq 0 ] || [ "${1#-}" != "$1" ]; then
+  set -- postgres "$@"
+fi
+[ "$1" = postgres ] || exec "$@"
+
+if [ "$(id -u)" = 0 ]; then
+  mkdir -p "$PGDATA" /var/run/postgresql
+  if [ "$(stat -c %U "$PGDATA")" != postgres ]; then
+    chown -R postgres:postgres "$PGDATA"
+  fi
+  chmod 700 "$PGDATA"
+  chown postgres:postgres /var/run/postgresql
+  chmod 2775 /var/run/postgresql
+  # Again as postgres (busybox su execs the shell, which execs this script).
+  # shellcheck disable=SC2016
+  exec su postgres -s /bin/sh -c 'exec "$0" "$@"' "$0" "$@"
+fi
+
+if [ ! -s "$PGDATA/PG_VERSION" ]; then
+  pg_user="${POSTGRES_USER:-postgres}"
+  pg_db="${POSTGRES_DB:-$pg_user}"
+  if [ -n "${POSTGRES_HOST_AUTH_METHOD:-}" ]; then
+    auth="$POSTGRES_HOST_AUTH_METHOD"
+  elif [ -n "${POSTGRES_PASSWORD:-}" ]; then
+    auth=scram-sha-256
+  else
+    auth=trust
+  fi
+  pwfile=
+  if [ -n "${POSTGRES_PASSWORD:-}" ]; then
+    pwfile="$(mktemp)"
+    printf "%s\n" "$POSTGRES_PASSWORD" >"$pwfile"
+  fi
+  # POSTGRES_INITDB_ARGS: split into words, as in the official image.
+  # shellcheck disable=SC2086
+  initdb --username="$pg_user" ${pwfile:+--pwfile="$pwfile"} --locale=C --encoding=UTF8 \
+    --auth-local=trust --auth-host=trust ${POSTGRES_INITDB_ARGS:-}
+  [ -z "$pwfile" ] || rm -f "$pwfile"
+  printf "listen_addresses = '*'\n" >>"$PGDATA/postgresql.conf"
+  printf "host all all all %s\n" "$auth" >>"$PGDATA/pg_hba.conf"
+
+  # A server on the Unix socket only, for POSTGRES_DB and the init scripts.
+  pg_ctl -D "$PGDATA" -o "-c listen_addresses=" -w -t 60 start
+  export PGUSER="$pg_user"
+  if [ "$pg_db" != postgres ]; then
+    # psql quotes :"db" (variables are not expanded in -c).
+    echo "CREATE DATABASE :\"db\";" \
+      | psql -v ON_ERROR_STOP=1 --no-psqlrc --no-password --dbname postgres --set db="$pg_db"
+  fi
+  for f in /docker-entrypoint-initdb.d/*; do
+    case "$f" in
+      *.sh)
+        echo "$0: running $f"
+        if [ -x "$f" ]; then
+          "$f"
+        else
+          # shellcheck disable=SC1090
+          . "$f"
+        fi ;;
+      *.sql)
+        echo "$0: running $f"
+        psql -v ON_ERROR_STOP=1 --no-psqlrc --no-password --dbname "$pg_db" -f "$f" ;;
+      *) [ ! -e "$f" ] || echo "$0: ignoring $f" ;;
+    esac
+  done
+  unset PGUSER
+  pg_ctl -D "$PGDATA" -m fast -w stop
+  echo "$0: PostgreSQL init process complete; ready for start up."
+fi
+exec "$@"
+SH
+)"$'\n'
+
+# Writes a root's tar: rootfs_py busybox OUT BUSYBOX PASSWD GROUP, or
+# rootfs_py postgres OUT|--list BUSYBOX PASSWD GROUP ENTRYPOINT UID PACKAGE...
+# (--list: print the host files it would take, one a line, and write nothing).
+rootfs_py() {
+  python3 - "$@" <<'PY'
+import io, os, stat, subprocess, sys, tarfile
+mode, out, busybox, passwd, group = sys.argv[1:6]
+entries = {}  # path in the root -> (kind, mode, data, (uid, gid))
+def d(path, mode=0o755, owner=(0, 0)):
+    entries[path] = ("dir", mode, None, owner)
+def f(path, data, mode=0o644, owner=(0, 0)):
+    entries[path] = ("file", mode, data, owner)
+def resolve(path):
+    """PATH with the root's directory symlinks (bin -> usr/bin) followed."""
+    parts, cur = path.split("/"), ""
+    for i, part in enumerate(parts):
+        cur = part if not cur else cur + "/" + part
+        e = entries.get(cur)
+        if e and e[0] == "link" and i < len(parts) - 1:
+            t = e[2]
+            base = "" if t.startswith("/") else os.path.dirname(cur)
+            return resolve(os.path.normpath(os.path.join(base, t.lstrip("/"))).lstrip("./")
+                           + "/" + "/".join(parts[i + 1:]))
+    return path
+def parents(path):
+    parent = os.path.dirname(path)
+    if parent and parent not in entries:
+        parents(parent)
         d(parent)
-    entries[a] = ("link", 0o777, os.path.relpath("bin/busybox", parent))
+def host(p):
+    """Host path P into the root at the same place, with the symlinks on its way."""
+    parts, cur = p.strip("/").split("/"), ""
+    for i, part in enumerate(parts):
+        cur = part if not cur else cur + "/" + part
+        hp = "/" + cur
+        st = os.lstat(hp)
+        if stat.S_ISLNK(st.st_mode):
+            t = os.readlink(hp)
+            entries.setdefault(cur, ("link", 0o777, t, (0, 0)))
+            target = os.path.normpath(os.path.join(os.path.dirname(hp), t))
+            return host("/".join([target] + parts[i + 1:]))
+        if stat.S_ISDIR(st.st_mode):
+            if cur not in entries:
+                d(cur, stat.S_IMODE(st.st_mode))
+        elif i == len(parts) - 1 and stat.S_ISREG(st.st_mode):
+            entries.setdefault(cur, ("host", stat.S_IMODE(st.st_mode), hp, (0, 0)))
+            return
+        else:
+            sys.exit(f"rootfs: {hp}: not a file, directory or symlink")
+def applets(prefix):
+    """Busybox at PREFIX/busybox with a link for each applet."""
+    with open(busybox, "rb") as fh:
+        f(prefix + "/busybox", fh.read(), 0o755)
+    names = subprocess.run([busybox, "--list-full"], check=True, capture_output=True,
+                           text=True).stdout.split()
+    for a in names:
+        a = resolve(a.lstrip("/"))
+        if a in entries:
+            continue
+        parents(a)
+        entries[a] = ("link", 0o777, os.path.relpath(prefix + "/busybox", os.path.dirname(a)),
+                      (0, 0))
+
+if mode == "busybox":
+    for p in ["bin", "sbin", "usr", "usr/bin", "usr/sbin", "etc", "root", "home",
+              "proc", "sys", "dev", "run", "var", "var/tmp", "mnt"]:
+        d(p)
+    d("root", 0o700)
+    d("tmp", 0o1777)
+    d("home/user", owner=(1000, 1000))
+    applets("bin")
+elif mode == "postgres":
+    entrypoint, uid = sys.argv[6], int(sys.argv[7])
+    listed = subprocess.run(["dpkg-query", "-L"] + sys.argv[8:], check=True,
+                            capture_output=True, text=True).stdout.split("\n")
+    skip = ("/usr/share/doc/", "/usr/share/man/", "/usr/share/locale/", "/usr/share/lintian/",
+            "/usr/share/postgresql/15/man/", "/usr/lib/postgresql/15/lib/bitcode/",
+            "/usr/lib/postgresql/15/lib/llvmjit", "/usr/lib/postgresql/15/lib/pgxs/")
+    files = [p for p in listed if p.startswith("/usr/") and not p.startswith(skip)
+             and not os.path.isdir(p) and os.path.lexists(p)]
+    for top, dirs, names in os.walk("/usr/share/zoneinfo"):
+        dirs[:] = sorted(x for x in dirs if not (top == "/usr/share/zoneinfo" and x == "right"))
+        files += [os.path.join(top, n) for n in names]
+        files += [os.path.join(top, x) for x in dirs if os.path.islink(os.path.join(top, x))]
+    # The merged-/usr layout of Debian 12 (and the host's symlinks on the way).
+    for p in ["/bin", "/sbin", "/lib", "/lib64"]:
+        host(p)
+    # Every ELF and the shared libraries they need (ldd: the whole closure).
+    elves, libs = [], set()
+    for p in files:
+        if os.path.isfile(p) and not os.path.islink(p):
+            with open(p, "rb") as fh:
+                if fh.read(4) == b"\x7fELF":
+                    elves.append(p)
+    for p in elves:
+        r = subprocess.run(["ldd", p], capture_output=True, text=True)
+        for line in r.stdout.splitlines():
+            w = line.split()
+            if "not found" in line:
+                sys.exit(f"rootfs: {p}: {line.strip()}")
+            if "=>" in w and len(w) > w.index("=>") + 1 and w[w.index("=>") + 1].startswith("/"):
+                libs.add(w[w.index("=>") + 1])
+            elif w and w[0].startswith("/"):
+                libs.add(w[0])
+    for p in sorted(set(files) | libs):
+        host(p)
+    if out == "--list":
+        for path in sorted(entries):
+            if entries[path][0] == "host":
+                print(entries[path][2])
+        sys.exit(0)
+    applets("usr/bin")
+    for p in ["etc", "root", "home", "proc", "sys", "dev", "run", "var", "var/lib",
+              "var/tmp", "mnt", "usr/local", "usr/local/bin", "usr/local/sbin",
+              "docker-entrypoint-initdb.d"]:
+        parents(p)
+        d(p)
+    d("root", 0o700)
+    d("tmp", 0o1777)
+    d("var/tmp", 0o1777)
+    entries["var/run"] = ("link", 0o777, "../run", (0, 0))
+    d("run/postgresql", 0o2775, (uid, uid))
+    d("var/lib/postgresql", 0o755, (uid, uid))
+    f("etc/nsswitch.conf", b"passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n")
+    f("usr/local/bin/docker-entrypoint.sh", entrypoint.encode(), 0o755)
+    for b in ["postgres", "initdb", "pg_ctl", "psql", "pg_isready", "pg_dump", "createdb"]:
+        entries["usr/local/bin/" + b] = ("link", 0o777, "../../lib/postgresql/15/bin/" + b, (0, 0))
+else:
+    sys.exit(f"rootfs: unknown root {mode}")
+f("etc/passwd", passwd.encode())
+f("etc/group", group.encode())
+
 tmp = out + ".tmp"
 with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
     for path in sorted(entries):
-        kind, mode, data = entries[path]
+        kind, mode, data, owner = entries[path]
         ti = tarfile.TarInfo(path)
-        ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = 0, mode, 0, 0, "", ""
+        ti.mtime, ti.mode, ti.uname, ti.gname = 0, mode, "", ""
+        ti.uid, ti.gid = owner
         if kind == "dir":
             ti.type = tarfile.DIRTYPE
-            if data:
-                ti.uid, ti.gid = data
             tar.addfile(ti)
-        elif kind == "file":
-            ti.size = len(data)
-            tar.addfile(ti, io.BytesIO(data))
-        else:
+        elif kind == "link":
             ti.type, ti.linkname = tarfile.SYMTYPE, data
             tar.addfile(ti)
+        else:
+            if kind == "host":
+                with open(data, "rb") as fh:
+                    data = fh.read()
+            ti.size = len(data)
+            tar.addfile(ti, io.BytesIO(data))
 os.rename(tmp, out)
 PY
 }
 
-# Imports TAR as IMAGE with the label KEY into Docker and/or Podman,
-# unless the image there already has that label.
+# Imports TAR as IMAGE with the label KEY and the CHANGEs (Dockerfile
+# instructions: CMD ..., ENV ...) into Docker and/or Podman, unless the image
+# there already has that label.
 import_image() {
-  local image="$1" tar="$2" key="$3" cmd="$4" have engine
-  local -a cli quiet
+  local image="$1" tar="$2" key="$3" have engine change
+  shift 3
+  local -a cli quiet changes=()
+  for change in "$@" "LABEL org.vmlab.input=$key"; do
+    changes+=(--change "$change")
+  done
   for engine in docker podman; do
     if [ "$engine" = docker ]; then
       [ "$use_docker" -eq 1 ] || continue
@@ -127,28 +364,49 @@ import_image() {
     fi
     quiet=()
     [ "$engine" = podman ] && quiet=(--quiet)
-    "${cli[@]}" import "${quiet[@]}" --change "CMD $cmd" --change "LABEL org.vmlab.input=$key" \
-      "$tar" "$image" >/dev/null
+    "${cli[@]}" import "${quiet[@]}" "${changes[@]}" "$tar" "$image" >/dev/null
     log "$engine: $image imported (org.vmlab.input=$key)"
   done
 }
 
+# This script's lines from the function NAME() to its closing brace.
+recipe_of() { sed -n "/^$1()/,/^}/p" "${BASH_SOURCE[0]}"; }
+
 build_busybox() {
   local key tar
   key="busybox-$( { echo "busybox-recipe $busybox_recipe_version"; sha256sum /bin/busybox | cut -d' ' -f1;
-            printf '%s' "$passwd" "$group"; sed -n '/^busybox_rootfs_tar()/,/^}/p' "${BASH_SOURCE[0]}"; } \
+            printf '%s' "$passwd" "$group"; recipe_of rootfs_py; recipe_of build_busybox; } \
           | sha256sum | cut -c1-16)"
   tar="$cache/$key.tar"
   if [ -f "$tar" ]; then
     log "rootfs $tar (cached)"
   else
-    busybox_rootfs_tar "$tar"
+    rootfs_py busybox "$tar" /bin/busybox "$passwd" "$group"
     log "rootfs $tar ($(stat -c %s "$tar") bytes)"
   fi
-  import_image vmlab-busybox:test "$tar" "$key" '["/bin/sh"]'
+  import_image vmlab-busybox:test "$tar" "$key" 'CMD ["/bin/sh"]'
 }
 
-# TODO: a PostgreSQL image (vmlab-postgres:test) for the database tests,
-# built offline like the busybox one. Not written yet; nothing here builds it.
+build_postgres() {
+  local key tar inputs
+  local -a args=(/bin/busybox "$pg_passwd" "$pg_group" "$pg_entrypoint" "$pg_uid" "${pg_packages[@]}")
+  inputs="$(rootfs_py postgres --list "${args[@]}")" || die "cannot list the postgres root's files"
+  key="postgres-$( { echo "postgres-recipe $postgres_recipe_version"; sha256sum /bin/busybox | cut -d' ' -f1;
+            dpkg-query -W "${pg_packages[@]}" libpq5 busybox-static tzdata;
+            printf '%s' "$pg_passwd" "$pg_group" "$pg_entrypoint" "$pg_path";
+            recipe_of rootfs_py; recipe_of build_postgres;
+            tr '\n' '\0' <<<"$inputs" | xargs -0 sha256sum; } \
+          | sha256sum | cut -c1-16)"
+  tar="$cache/$key.tar"
+  if [ -f "$tar" ]; then
+    log "rootfs $tar (cached)"
+  else
+    rootfs_py postgres "$tar" "${args[@]}"
+    log "rootfs $tar ($(stat -c %s "$tar") bytes)"
+  fi
+  import_image vmlab-postgres:test "$tar" "$key" 'CMD ["/usr/local/bin/docker-entrypoint.sh"]' \
+    "ENV PATH=$pg_path" 'ENV PGDATA=/var/lib/postgresql/data' 'EXPOSE 5432'
+}
 
 build_busybox
+build_postgres
