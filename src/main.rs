@@ -16,6 +16,13 @@ use vmlab::run::EXIT_VMLAB_ERROR;
 
 fn main() -> ExitCode {
     let started = Instant::now();
+    // `vmlab-runtime` (a link to this binary) is the OCI runtime.
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    if std::path::Path::new(&argv0).file_name()
+        == Some(std::ffi::OsStr::new(vmlab::oci::RUNTIME_NAME))
+    {
+        return vmlab::oci::cli::main(std::env::args_os().collect());
+    }
     let cli = Cli::parse();
     init_logging(&cli);
     let quiet = cli.quiet;

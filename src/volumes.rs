@@ -500,13 +500,15 @@ fn link_or_copy(host: &Path, dest: &Path, readonly: bool) -> Result<(), String> 
     }
     if readonly {
         log::info!(
-            "--volume {}: cannot hard-link it into {} ({link_err}): the guest gets a copy,              and later changes on the host do not reach it",
+            "--volume {}: cannot hard-link it into {} ({link_err}): the guest gets a copy, \
+             and later changes on the host do not reach it",
             host.display(),
             dest.display()
         );
     } else {
         log::warn!(
-            "--volume {}: cannot hard-link it into {} ({link_err}): the guest gets a copy,              and its writes do not reach the host file",
+            "--volume {}: cannot hard-link it into {} ({link_err}): the guest gets a copy, \
+             and its writes do not reach the host file",
             host.display(),
             dest.display()
         );

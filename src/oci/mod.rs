@@ -19,9 +19,8 @@
 //! ../shared/oci-runtime-notes.md (in the project notes) and README's
 //! "vmlab as an OCI runtime" say how the engines call it.
 
-// Work in progress: `monitor.rs` (written, not yet compiled) and the
-// runc-compatible `cli` that dispatches to it are not in the build yet;
-// `vmlab-runtime` does not answer until they are.
+pub mod cli;
+pub mod monitor;
 pub mod net;
 pub mod process;
 pub mod spec;

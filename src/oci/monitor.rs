@@ -55,9 +55,12 @@ pub fn main(dir: &Path, vm: &str) -> u8 {
     }
     match wait_for_start(&container) {
         Ok(true) => {}
-        Ok(false) => return 0,
+        Ok(false) => {
+            record_failure(&container, "the start fifo was closed without a start");
+            return 0;
+        }
         Err(e) => {
-            eprintln!("vmlab-runtime: {e}");
+            record_failure(&container, &e.to_string());
             return 125;
         }
     }
@@ -74,7 +77,7 @@ pub fn main(dir: &Path, vm: &str) -> u8 {
             Ok(Some(mut extra)) => argv.append(&mut extra),
             Ok(None) => {}
             Err(e) => {
-                eprintln!("vmlab-runtime: network: {e}");
+                record_failure(&container, &format!("network: {e}"));
                 return 125;
             }
         }
@@ -85,10 +88,23 @@ pub fn main(dir: &Path, vm: &str) -> u8 {
     if let Some(v) = &plan.virtiofsd {
         cmd.env("VMLAB_VIRTIOFSD", v);
     }
+    // The VMM's stderr is the container's: only errors belong there (not,
+    // say, that the engine's resolv.conf is a copy in the guest).
+    if std::env::var_os("VMLAB_LOG").is_none() {
+        cmd.env("VMLAB_LOG", "error");
+    }
     // Only returns on failure.
     let e = cmd.exec();
-    eprintln!("vmlab-runtime: cannot start vmlab run: {e}");
+    record_failure(&container, &format!("cannot start vmlab run: {e}"));
     125
+}
+
+/// Says why the monitor ended before it became the VMM: on its stderr
+/// (the container's) and in the state directory, where `start` and
+/// `state` find it.
+fn record_failure(container: &Container, why: &str) {
+    eprintln!("vmlab-runtime: {why}");
+    let _ = std::fs::write(container.failure(), why);
 }
 
 fn fail(sync: Option<std::fs::File>, e: &Error) -> u8 {
@@ -139,7 +155,8 @@ fn enter_netns(netns: &NetNs) -> Result<()> {
 /// word (false: the container is being deleted).
 fn wait_for_start(container: &Container) -> Result<bool> {
     let fifo = container.fifo();
-    let mut f = std::fs::File::open(&fifo).map_err(Error::io(format!("open {}", fifo.display())))?;
+    let mut f =
+        std::fs::File::open(&fifo).map_err(Error::io(format!("open {}", fifo.display())))?;
     let mut byte = [0u8; 1];
     let n = f
         .read(&mut byte)

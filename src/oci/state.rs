@@ -135,6 +135,10 @@ impl Container {
     pub fn plan(&self) -> PathBuf {
         self.dir.join("plan.json")
     }
+    /// `monitor.err`: why the monitor ended before it started the VM.
+    pub fn failure(&self) -> PathBuf {
+        self.dir.join("monitor.err")
+    }
     /// `execs/`: one pid file per exec process.
     pub fn execs(&self) -> PathBuf {
         self.dir.join("execs")
