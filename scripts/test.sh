@@ -18,8 +18,14 @@ apt_install_missing iproute2 iputils-ping || { echo "test: cannot install iprout
 apt_install_missing qemu-system-x86 || { echo "test: cannot install qemu-system-x86" >&2; exit 1; }
 # The container engines the OCI-runtime tests drive vmlab-runtime from
 # (installed, not started: scripts/engines.sh starts and stops them).
-apt_install_missing docker.io docker-compose podman containernetworking-plugins iproute2 \
+apt_install_missing docker.io docker-compose podman containernetworking-plugins iproute2 curl bsdutils \
   || { echo "test: cannot install docker.io, docker-compose, podman, containernetworking-plugins" >&2; exit 1; }
+# tests/oci.rs starts containerd and dockerd (scripts/engines.sh start) once
+# for its binary and leaves them up; stop them at the end if they were not
+# running before (a developer's own engines stay).
+if ! scripts/engines.sh status >/dev/null 2>&1; then
+  trap 'scripts/engines.sh stop >/dev/null 2>&1 || echo "test: scripts/engines.sh stop failed" >&2' EXIT
+fi
 echo "test: cargo fmt --check"
 cargo fmt --all -- --check
 echo "test: cargo clippy"
