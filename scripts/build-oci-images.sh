@@ -14,30 +14,50 @@
 #                        su, ...) in a merged-/usr layout, the user postgres
 #                        (999:999, home /var/lib/postgresql) and
 #                        /usr/local/bin/docker-entrypoint.sh, a small subset of
-#                        the official image's: when $PGDATA (default
-#                        /var/lib/postgresql/data) has no PG_VERSION it runs
-#                        initdb as postgres (--locale=C --encoding=UTF8,
-#                        POSTGRES_USER, POSTGRES_PASSWORD, POSTGRES_INITDB_ARGS),
-#                        sets listen_addresses='*', appends
-#                        "host all all all METHOD" to pg_hba.conf (METHOD:
-#                        POSTGRES_HOST_AUTH_METHOD, else scram-sha-256 with a
-#                        POSTGRES_PASSWORD, else trust; the official image
-#                        refuses to start without a password, this one
-#                        trusts), creates POSTGRES_DB and runs
-#                        /docker-entrypoint-initdb.d/*.sql and *.sh, then execs
+#                        the official image's, and a PRE-INITIALIZED cluster in
+#                        /var/lib/postgresql/data (0700, 999:999): the host's
+#                        initdb (the same package) runs at build time, at
+#                        native speed, as 999:999 (in a mount namespace whose
+#                        /etc/passwd has that uid) with --locale=C
+#                        --encoding=UTF8 --auth=trust --username=postgres -N
+#                        and TZ=UTC, then postgresql.conf gets
+#                        listen_addresses='*', shared_buffers=16MB,
+#                        dynamic_shared_memory_type=posix, timezone and
+#                        log_timezone 'UTC', and pg_hba.conf
+#                        "host all all all trust" (local stays trust). initdb
+#                        in a micro-VM, where the guest kernel is emulated,
+#                        takes minutes; the baked cluster starts in seconds.
+#                        The entrypoint exports TZ=UTC if TZ is unset; with the
+#                        baked cluster (PG_VERSION exists) it runs no initdb
+#                        and trusts every host, ignoring POSTGRES_PASSWORD
+#                        (unless POSTGRES_HOST_AUTH_METHOD names another
+#                        method: then it sets the password); on the first
+#                        start it creates POSTGRES_USER and POSTGRES_DB if
+#                        they are not postgres, in single-user mode (no
+#                        server), and runs /docker-entrypoint-initdb.d/*.sql
+#                        and *.sh (with a temporary server, only if there are
+#                        any). An empty $PGDATA (a fresh volume) gets initdb
+#                        as postgres (POSTGRES_USER, POSTGRES_PASSWORD,
+#                        POSTGRES_INITDB_ARGS), listen_addresses='*' and
+#                        "host all all all METHOD" (POSTGRES_HOST_AUTH_METHOD,
+#                        else scram-sha-256 with a POSTGRES_PASSWORD, else
+#                        trust; the official image refuses to start without
+#                        a password, this one trusts). Then it execs
 #                        postgres as user postgres. Arguments that are not
 #                        postgres options are run instead, so the image is a
 #                        client too (psql, pg_isready, ... are in PATH);
 #                        CMD ["/usr/local/bin/docker-entrypoint.sh"],
 #                        ENV PGDATA and PATH, EXPOSE 5432 (docker import takes no STOPSIGNAL); no
 #                        VOLUME (so containers leave no anonymous volumes).
-# Each root file system is a reproducible tar (fixed mtimes and owners,
-# sorted), cached as ${XDG_CACHE_HOME:-~/.cache}/vmlab/oci-images/KEY.tar,
-# KEY (busybox-DIGEST, postgres-DIGEST) being a digest of its inputs: this
+# Each root file system is a tar with fixed mtimes and owners, sorted,
+# cached as ${XDG_CACHE_HOME:-~/.cache}/vmlab/oci-images/KEY.tar, KEY
+# (busybox-DIGEST, postgres-DIGEST) being a digest of its inputs: this
 # script's recipe, and for busybox its bytes, for postgres the installed
 # versions of its Debian packages and the sha256 of every host file that
-# goes in. The image carries the label org.vmlab.input=KEY; an image that
-# already has it is not imported again.
+# goes in. Busybox's tar is reproducible; postgres's is not byte for byte
+# (initdb picks a random system identifier), but being keyed by its inputs
+# it is built once. The image carries the label org.vmlab.input=KEY; an
+# image that already has it is not imported again.
 #
 # Usage: scripts/build-oci-images.sh [--podman] [--no-docker] [--force]
 #   --podman     also import the images into Podman's storage
@@ -91,7 +111,7 @@ user:x:1000:
 '
 
 # The recipe of the postgres root, besides its packages and host files.
-postgres_recipe_version=1
+postgres_recipe_version=2
 pg_uid=999
 pg_passwd="root:x:0:0:root:/root:/bin/sh
 postgres:x:$pg_uid:$pg_uid:PostgreSQL administrator:/var/lib/postgresql:/bin/sh
@@ -107,9 +127,25 @@ pg_entrypoint="$(cat <<'SH'
 #!/bin/sh
 # vmlab-postgres:test (scripts/build-oci-images.sh): a small subset of the
 # official postgres image's docker-entrypoint.sh.
+#
+# The image ships an initialized cluster in /var/lib/postgresql/data (made
+# by initdb at image build time, superuser postgres, locale C, UTF8) so that
+# a container starts in seconds in a micro-VM, where initdb takes minutes.
+# That cluster trusts every host (pg_hba: local and "host all all all
+# trust"): this test image ignores POSTGRES_PASSWORD and accepts any or no
+# password, unless POSTGRES_HOST_AUTH_METHOD names another method (then the
+# password is set and that method required). On its first start, POSTGRES_USER
+# (a superuser, besides postgres) and POSTGRES_DB are created if they are not
+# postgres, in single-user mode (no server is started for it); only
+# /docker-entrypoint-initdb.d/* (none in the image) start a temporary server.
+# An empty $PGDATA (a mounted volume) gets initdb at start, as in the
+# official image.
 set -eu
 : "${PGDATA:=/var/lib/postgresql/data}"
 export PGDATA
+# Without TZ, anything timezone-related scans /usr/share/zoneinfo (slow).
+: "${TZ:=UTC}"
+export TZ
 # No arguments, or options: the server. Anything else (psql ...): run it.
 if [ "$#" -eq 0 ] || [ "${1#-}" != "$1" ]; then
   set -- postgres "$@"
@@ -129,9 +165,76 @@ if [ "$(id -u)" = 0 ]; then
   exec su postgres -s /bin/sh -c 'exec "$0" "$@"' "$0" "$@"
 fi
 
-if [ ! -s "$PGDATA/PG_VERSION" ]; then
-  pg_user="${POSTGRES_USER:-postgres}"
-  pg_db="${POSTGRES_DB:-$pg_user}"
+# SQL quoting: an identifier, a literal.
+qi() { printf '"%s"' "$(printf %s "$1" | sed 's/"/""/g')"; }
+ql() { printf "'%s'" "$(printf %s "$1" | sed "s/'/''/g")"; }
+pg_user="${POSTGRES_USER:-postgres}"
+pg_db="${POSTGRES_DB:-$pg_user}"
+
+# Runs SQL (one statement a line) in single-user mode, quick as it starts no
+# server; it reports errors on stderr and goes on, so they are looked for.
+single_user() {
+  err="$(printf '%s\n' "$1" | postgres --single -D "$PGDATA" postgres 2>&1 >/dev/null)" || {
+    echo "$err" >&2; exit 1; }
+  case "$err" in
+    *ERROR:*|*FATAL:*) echo "$err" >&2; exit 1 ;;
+  esac
+}
+
+# The init scripts, with a server on the Unix socket only.
+init_scripts() {
+  for f in /docker-entrypoint-initdb.d/*; do
+    [ -e "$f" ] || return 0
+    break
+  done
+  pg_ctl -D "$PGDATA" -o "-c listen_addresses=" -w -t 120 start
+  export PGUSER="$pg_user"
+  for f in /docker-entrypoint-initdb.d/*; do
+    case "$f" in
+      *.sh)
+        echo "$0: running $f"
+        if [ -x "$f" ]; then
+          "$f"
+        else
+          # shellcheck disable=SC1090
+          . "$f"
+        fi ;;
+      *.sql)
+        echo "$0: running $f"
+        psql -v ON_ERROR_STOP=1 --no-psqlrc --no-password --dbname "$pg_db" -f "$f" ;;
+      *) echo "$0: ignoring $f" ;;
+    esac
+  done
+  unset PGUSER
+  pg_ctl -D "$PGDATA" -m fast -w stop
+}
+
+if [ -s "$PGDATA/PG_VERSION" ]; then
+  if [ -e "$PGDATA/vmlab-first-start" ]; then
+    # The image's cluster, started for the first time.
+    sql=
+    auth="${POSTGRES_HOST_AUTH_METHOD:-trust}"
+    pw=
+    if [ "$auth" != trust ] && [ -n "${POSTGRES_PASSWORD:-}" ]; then
+      pw=" PASSWORD $(ql "$POSTGRES_PASSWORD")"
+    fi
+    if [ "$pg_user" != postgres ]; then
+      sql="CREATE ROLE $(qi "$pg_user") SUPERUSER LOGIN$pw;"
+    elif [ -n "$pw" ]; then
+      sql="ALTER ROLE postgres$pw;"
+    fi
+    if [ "$pg_db" != postgres ]; then
+      sql="$sql
+CREATE DATABASE $(qi "$pg_db") OWNER $(qi "$pg_user");"
+    fi
+    [ -z "$sql" ] || single_user "$sql"
+    if [ "$auth" != trust ]; then
+      sed -i "s/^host all all all trust\$/host all all all $auth/" "$PGDATA/pg_hba.conf"
+    fi
+    init_scripts
+    rm -f "$PGDATA/vmlab-first-start"
+  fi
+else
   if [ -n "${POSTGRES_HOST_AUTH_METHOD:-}" ]; then
     auth="$POSTGRES_HOST_AUTH_METHOD"
   elif [ -n "${POSTGRES_PASSWORD:-}" ]; then
@@ -151,33 +254,10 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
   [ -z "$pwfile" ] || rm -f "$pwfile"
   printf "listen_addresses = '*'\n" >>"$PGDATA/postgresql.conf"
   printf "host all all all %s\n" "$auth" >>"$PGDATA/pg_hba.conf"
-
-  # A server on the Unix socket only, for POSTGRES_DB and the init scripts.
-  pg_ctl -D "$PGDATA" -o "-c listen_addresses=" -w -t 60 start
-  export PGUSER="$pg_user"
   if [ "$pg_db" != postgres ]; then
-    # psql quotes :"db" (variables are not expanded in -c).
-    echo "CREATE DATABASE :\"db\";" \
-      | psql -v ON_ERROR_STOP=1 --no-psqlrc --no-password --dbname postgres --set db="$pg_db"
+    single_user "CREATE DATABASE $(qi "$pg_db");"
   fi
-  for f in /docker-entrypoint-initdb.d/*; do
-    case "$f" in
-      *.sh)
-        echo "$0: running $f"
-        if [ -x "$f" ]; then
-          "$f"
-        else
-          # shellcheck disable=SC1090
-          . "$f"
-        fi ;;
-      *.sql)
-        echo "$0: running $f"
-        psql -v ON_ERROR_STOP=1 --no-psqlrc --no-password --dbname "$pg_db" -f "$f" ;;
-      *) [ ! -e "$f" ] || echo "$0: ignoring $f" ;;
-    esac
-  done
-  unset PGUSER
-  pg_ctl -D "$PGDATA" -m fast -w stop
+  init_scripts
   echo "$0: PostgreSQL init process complete; ready for start up."
 fi
 exec "$@"
@@ -185,8 +265,10 @@ SH
 )"$'\n'
 
 # Writes a root's tar: rootfs_py busybox OUT BUSYBOX PASSWD GROUP, or
-# rootfs_py postgres OUT|--list BUSYBOX PASSWD GROUP ENTRYPOINT UID PACKAGE...
-# (--list: print the host files it would take, one a line, and write nothing).
+# rootfs_py postgres OUT|--list BUSYBOX PASSWD GROUP ENTRYPOINT UID PGDATA PACKAGE...
+# (--list: print the host files it would take, one a line, and write nothing;
+# PGDATA: a host directory that becomes var/lib/postgresql/data, owned by
+# UID:UID with its files' modes, or - for none).
 rootfs_py() {
   python3 - "$@" <<'PY'
 import io, os, stat, subprocess, sys, tarfile
@@ -256,8 +338,8 @@ if mode == "busybox":
     d("home/user", owner=(1000, 1000))
     applets("bin")
 elif mode == "postgres":
-    entrypoint, uid = sys.argv[6], int(sys.argv[7])
-    listed = subprocess.run(["dpkg-query", "-L"] + sys.argv[8:], check=True,
+    entrypoint, uid, pgdata = sys.argv[6], int(sys.argv[7]), sys.argv[8]
+    listed = subprocess.run(["dpkg-query", "-L"] + sys.argv[9:], check=True,
                             capture_output=True, text=True).stdout.split("\n")
     skip = ("/usr/share/doc/", "/usr/share/man/", "/usr/share/locale/", "/usr/share/lintian/",
             "/usr/share/postgresql/15/man/", "/usr/lib/postgresql/15/lib/bitcode/",
@@ -311,6 +393,22 @@ elif mode == "postgres":
     f("usr/local/bin/docker-entrypoint.sh", entrypoint.encode(), 0o755)
     for b in ["postgres", "initdb", "pg_ctl", "psql", "pg_isready", "pg_dump", "createdb"]:
         entries["usr/local/bin/" + b] = ("link", 0o777, "../../lib/postgresql/15/bin/" + b, (0, 0))
+    if pgdata != "-":
+        # The cluster initdb made on the host, owned by postgres (UID:UID).
+        for top, dirs, names in os.walk(pgdata):
+            dirs.sort()
+            rel = os.path.relpath(top, pgdata)
+            dst = "var/lib/postgresql/data" + ("" if rel == "." else "/" + rel)
+            d(dst, stat.S_IMODE(os.lstat(top).st_mode), (uid, uid))
+            for n in names + [x for x in dirs if os.path.islink(os.path.join(top, x))]:
+                hp = os.path.join(top, n)
+                st = os.lstat(hp)
+                if stat.S_ISLNK(st.st_mode):
+                    entries[dst + "/" + n] = ("link", 0o777, os.readlink(hp), (uid, uid))
+                elif stat.S_ISREG(st.st_mode):
+                    entries[dst + "/" + n] = ("host", stat.S_IMODE(st.st_mode), hp, (uid, uid))
+                else:
+                    sys.exit(f"rootfs: {hp}: not a file, directory or symlink")
 else:
     sys.exit(f"rootfs: unknown root {mode}")
 f("etc/passwd", passwd.encode())
@@ -387,22 +485,68 @@ build_busybox() {
   import_image vmlab-busybox:test "$tar" "$key" 'CMD ["/bin/sh"]'
 }
 
+# Makes the image's cluster in DIR/data (DIR: an empty directory) with the
+# host's initdb, the image's own (the same Debian package), as the image's
+# postgres ($pg_uid:$pg_uid), and configures it for the image.
+bake_pgdata() {
+  local dir="$1"
+  chown "$pg_uid:$pg_uid" "$dir"
+  printf 'postgres:x:%s:%s::/nonexistent:/bin/sh\n' "$pg_uid" "$pg_uid" >"$dir/passwd"
+  # initdb refuses to run as root and looks its uid up in /etc/passwd (the
+  # host may have no $pg_uid): a private mount namespace with a passwd that
+  # has it. TZ=UTC: initdb writes it as timezone (without TZ it scans
+  # zoneinfo for the host's zone).
+  # shellcheck disable=SC2016
+  (cd / && unshare --mount --propagation private sh -c '
+    mount --bind "$1/passwd" /etc/passwd &&
+    exec env -i TZ=UTC LC_ALL=C PATH=/usr/bin:/bin \
+      setpriv --reuid="$2" --regid="$2" --clear-groups \
+      /usr/lib/postgresql/15/bin/initdb -D "$1/data" --locale=C --encoding=UTF8 \
+        --auth=trust --username=postgres -N' sh "$dir" "$pg_uid") >"$dir/initdb.log" 2>&1 \
+    || { cat "$dir/initdb.log" >&2; return 1; }
+  # Later settings win: these override initdb's. shared_buffers: the
+  # default 128MB costs a micro-VM page faults at start.
+  cat >>"$dir/data/postgresql.conf" <<'CONF'
+
+# vmlab-postgres:test (scripts/build-oci-images.sh)
+listen_addresses = '*'
+shared_buffers = 16MB
+dynamic_shared_memory_type = posix
+timezone = 'UTC'
+log_timezone = 'UTC'
+CONF
+  # initdb --auth=trust made local and loopback trust; every host too.
+  printf '\n# vmlab-postgres:test: every host, without a password.\nhost all all all trust\n' \
+    >>"$dir/data/pg_hba.conf"
+  # The entrypoint's cue for its first-start setup (POSTGRES_DB, ...).
+  : >"$dir/data/vmlab-first-start"
+  chown "$pg_uid:$pg_uid" "$dir/data/vmlab-first-start"
+  chmod 600 "$dir/data/vmlab-first-start"
+}
+
 build_postgres() {
-  local key tar inputs
-  local -a args=(/bin/busybox "$pg_passwd" "$pg_group" "$pg_entrypoint" "$pg_uid" "${pg_packages[@]}")
-  inputs="$(rootfs_py postgres --list "${args[@]}")" || die "cannot list the postgres root's files"
+  local key tar inputs bake
+  local -a args=(/bin/busybox "$pg_passwd" "$pg_group" "$pg_entrypoint" "$pg_uid")
+  inputs="$(rootfs_py postgres --list "${args[@]}" - "${pg_packages[@]}")" \
+    || die "cannot list the postgres root's files"
   key="postgres-$( { echo "postgres-recipe $postgres_recipe_version"; sha256sum /bin/busybox | cut -d' ' -f1;
             dpkg-query -W "${pg_packages[@]}" libpq5 busybox-static tzdata;
             printf '%s' "$pg_passwd" "$pg_group" "$pg_entrypoint" "$pg_path";
-            recipe_of rootfs_py; recipe_of build_postgres;
+            recipe_of rootfs_py; recipe_of bake_pgdata; recipe_of build_postgres;
             tr '\n' '\0' <<<"$inputs" | xargs -0 sha256sum; } \
           | sha256sum | cut -c1-16)"
   tar="$cache/$key.tar"
   if [ -f "$tar" ]; then
     log "rootfs $tar (cached)"
   else
-    rootfs_py postgres "$tar" "${args[@]}"
-    log "rootfs $tar ($(stat -c %s "$tar") bytes)"
+    bake="$(mktemp -d)"
+    # shellcheck disable=SC2064
+    trap "rm -rf '$bake'" EXIT
+    bake_pgdata "$bake" || die "initdb for the image's cluster failed"
+    rootfs_py postgres "$tar" "${args[@]}" "$bake/data" "${pg_packages[@]}"
+    rm -rf "$bake"
+    trap - EXIT
+    log "rootfs $tar ($(stat -c %s "$tar") bytes, with an initialized cluster)"
   fi
   import_image vmlab-postgres:test "$tar" "$key" 'CMD ["/usr/local/bin/docker-entrypoint.sh"]' \
     "ENV PATH=$pg_path" 'ENV PGDATA=/var/lib/postgresql/data' 'EXPOSE 5432'

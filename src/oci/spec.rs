@@ -166,6 +166,7 @@ pub fn plan(spec: &Spec, bundle: &Path, config: &RuntimeConfig, host_cpus: u32) 
     if args.is_empty() || args[0].is_empty() {
         return Err(Error::msg("process.args is empty"));
     }
+    check_entrypoint(&rootfs, process)?;
     let kernel = config
         .kernel
         .as_ref()
@@ -330,6 +331,116 @@ fn cpuset_count(list: &str) -> Option<u64> {
     (n > 0).then_some(n)
 }
 
+/// `PATH` when the process's environment has none (runc's default).
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The most symbolic links one lookup follows (Linux's MAXSYMLINKS).
+const MAX_SYMLINKS: u32 = 40;
+
+/// Checks at `create`, as runc does, that `process.args[0]` names an
+/// executable file in the root file system: looked up in the process's
+/// `PATH` when it has no `/`, relative to `cwd` otherwise; symbolic links
+/// are followed inside `rootfs` (an absolute target, or `..` past the top,
+/// stays in it). The messages are runc's, which engines turn into exit
+/// status 127 (not found) and 126 (permission denied).
+pub fn check_entrypoint(rootfs: &Path, process: &oci_spec::runtime::Process) -> Result<()> {
+    let args = process.args().clone().unwrap_or_default();
+    let Some(cmd) = args.first() else {
+        return Ok(());
+    };
+    let candidates: Vec<PathBuf> = match cmd.contains('/') {
+        true => vec![process.cwd().join(cmd)],
+        false => {
+            let path = process
+                .env()
+                .iter()
+                .flatten()
+                .find_map(|e| e.strip_prefix("PATH="))
+                .unwrap_or(DEFAULT_PATH)
+                .to_string();
+            path.split(':')
+                .filter(|d| !d.is_empty())
+                .map(|d| Path::new(d).join(cmd))
+                .collect()
+        }
+    };
+    let mut denied = false;
+    for c in &candidates {
+        let Some(found) = resolve_in_root(rootfs, c) else {
+            continue;
+        };
+        match std::fs::metadata(&found) {
+            Ok(m)
+                if m.is_file()
+                    && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0 =>
+            {
+                return Ok(())
+            }
+            Ok(_) => denied = true,
+            Err(_) => {}
+        }
+    }
+    match (cmd.contains('/'), denied) {
+        (_, true) => Err(Error::msg(format!("exec: \"{cmd}\": permission denied"))),
+        (true, false) => Err(Error::msg(format!(
+            "exec: \"{cmd}\": stat {cmd}: no such file or directory"
+        ))),
+        (false, false) => Err(Error::msg(format!(
+            "exec: \"{cmd}\": executable file not found in $PATH"
+        ))),
+    }
+}
+
+/// `path` (absolute in the container) resolved to a host path under
+/// `rootfs`, following symbolic links as the container would see them;
+/// `None` if a component is missing or there are too many links.
+fn resolve_in_root(rootfs: &Path, path: &Path) -> Option<PathBuf> {
+    use std::path::Component;
+    let mut todo: Vec<std::ffi::OsString> = path
+        .components()
+        .rev()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n.to_os_string()),
+            Component::ParentDir => Some("..".into()),
+            _ => None,
+        })
+        .collect();
+    let mut done: Vec<std::ffi::OsString> = Vec::new();
+    let mut links = 0;
+    while let Some(name) = todo.pop() {
+        if name == ".." {
+            done.pop();
+            continue;
+        }
+        let mut host = rootfs.to_path_buf();
+        host.extend(&done);
+        host.push(&name);
+        let meta = std::fs::symlink_metadata(&host).ok()?;
+        if !meta.file_type().is_symlink() {
+            done.push(name);
+            continue;
+        }
+        links += 1;
+        if links > MAX_SYMLINKS {
+            return None;
+        }
+        let target = std::fs::read_link(&host).ok()?;
+        if target.is_absolute() {
+            done.clear();
+        }
+        for c in target.components().rev() {
+            match c {
+                Component::Normal(n) => todo.push(n.to_os_string()),
+                Component::ParentDir => todo.push("..".into()),
+                _ => {}
+            }
+        }
+    }
+    let mut host = rootfs.to_path_buf();
+    host.extend(&done);
+    Some(host)
+}
+
 fn path_str(p: &Path) -> Result<String> {
     p.to_str()
         .map(str::to_string)
@@ -340,6 +451,52 @@ fn path_str(p: &Path) -> Result<String> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn entrypoints_are_found_in_the_root_as_runc_does() {
+        use std::os::unix::fs::{symlink, PermissionsExt};
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        std::fs::create_dir_all(r.join("bin")).unwrap();
+        std::fs::create_dir_all(r.join("usr/bin")).unwrap();
+        std::fs::create_dir_all(r.join("etc")).unwrap();
+        std::fs::write(r.join("bin/busybox"), b"x").unwrap();
+        std::fs::set_permissions(r.join("bin/busybox"), PermissionsExt::from_mode(0o755)).unwrap();
+        std::fs::write(r.join("etc/passwd"), b"root").unwrap();
+        // An absolute link, resolved inside the root, and a relative one
+        // climbing past the top.
+        symlink("/bin/busybox", r.join("bin/sh")).unwrap();
+        symlink("../../../../bin/busybox", r.join("usr/bin/env")).unwrap();
+        // A link that points at the host's /etc/passwd must not be
+        // taken from the host.
+        symlink("/etc/shadow", r.join("bin/evil")).unwrap();
+        let process = |args: &[&str], env: &[&str]| -> oci_spec::runtime::Process {
+            serde_json::from_value(serde_json::json!({
+                "user": {"uid": 0, "gid": 0}, "args": args, "env": env, "cwd": "/etc"
+            }))
+            .unwrap()
+        };
+        let check = |args: &[&str], env: &[&str]| {
+            check_entrypoint(r, &process(args, env)).map_err(|e| e.to_string())
+        };
+        assert!(check(&["sh"], &[]).is_ok());
+        assert!(check(&["/bin/sh", "-c", "true"], &[]).is_ok());
+        assert!(check(&["env"], &["PATH=/usr/bin"]).is_ok());
+        assert!(check(&["../bin/busybox"], &[]).is_ok());
+        let e = check(&["nope"], &[]).unwrap_err();
+        assert!(e.contains("executable file not found"), "{e}");
+        let e = check(&["/no/such"], &[]).unwrap_err();
+        assert!(
+            e.contains("\"/no/such\"") && e.contains("no such file or directory"),
+            "{e}"
+        );
+        let e = check(&["/etc/passwd"], &[]).unwrap_err();
+        assert!(e.contains("permission denied"), "{e}");
+        let e = check(&["/etc"], &[]).unwrap_err();
+        assert!(e.contains("permission denied"), "{e}");
+        assert!(check(&["/bin/evil"], &[]).is_err());
+        assert!(check(&["sh"], &["PATH=/nowhere"]).is_err());
+    }
+
     fn spec(json: &str) -> Spec {
         serde_json::from_str(json).unwrap()
     }
@@ -347,7 +504,13 @@ mod tests {
     #[test]
     fn a_docker_like_bundle() {
         let dir = std::env::temp_dir().join(format!("vmlab-spec-test-{}", std::process::id()));
-        std::fs::create_dir_all(dir.join("rootfs")).unwrap();
+        std::fs::create_dir_all(dir.join("rootfs/bin")).unwrap();
+        std::fs::write(dir.join("rootfs/bin/sh"), "").unwrap();
+        std::fs::set_permissions(
+            dir.join("rootfs/bin/sh"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
         std::fs::write(dir.join("resolv.conf"), "nameserver 10.0.0.1\n").unwrap();
         let json = format!(
             r#"{{
