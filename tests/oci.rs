@@ -741,6 +741,81 @@ fn runtime_cli_lifecycle_and_errors() {
     assert_eq!(pids, vec![pid]);
     let r = rt_run(&["list", "--format", "json"]);
     assert!(r.stdout.contains("\"life\""), "{}", r.dump());
+    // exec with a terminal: the pty master comes to --console-socket
+    // (SCM_RIGHTS), the guest process runs on a pty, and a window-size
+    // change of the master reaches it.
+    let sock_path = bundle.path().join("console.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock_path).unwrap();
+    let mut c = rt(&[
+        "exec",
+        "--tty",
+        "--detach",
+        "--console-socket",
+        sock_path.to_str().unwrap(),
+        "life",
+        "sh",
+        "-c",
+        "tty; echo ready; sleep 3; echo size=$(stty size)",
+    ]);
+    assert!(c.status().unwrap().success());
+    let (conn, _) = listener.accept().unwrap();
+    let mut name = [0u8; 64];
+    let (_, master) =
+        vmm_sys_util::sock_ctrl_msg::ScmSocket::recv_with_fd(&conn, &mut name).unwrap();
+    let master = master.expect("no pty master on the console socket");
+    let set_size = |rows: u16, cols: u16| {
+        let ws = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads a winsize from a live struct.
+        let r = unsafe {
+            libc::ioctl(
+                std::os::fd::AsRawFd::as_raw_fd(&master),
+                libc::TIOCSWINSZ,
+                &ws,
+            )
+        };
+        assert_eq!(r, 0);
+    };
+    set_size(30, 90);
+    let mut reader = master.try_clone().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut resized = false;
+    while !seen.contains("size=") && Instant::now() < deadline {
+        if let Ok(b) = rx.recv_timeout(Duration::from_millis(200)) {
+            seen.push_str(&String::from_utf8_lossy(&b));
+        }
+        if !resized && seen.contains("ready") {
+            set_size(40, 100);
+            resized = true;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !seen.contains("size=40 100") && Instant::now() < deadline {
+        if let Ok(b) = rx.recv_timeout(Duration::from_millis(200)) {
+            seen.push_str(&String::from_utf8_lossy(&b));
+        }
+    }
+    assert!(seen.contains("/dev/pts/"), "not on a pty: {seen:?}");
+    assert!(
+        seen.contains("size=40 100"),
+        "the resize did not arrive: {seen:?}"
+    );
+
     // kill 9: the monitor (the VMM) ends; exec into a stopped container.
     assert!(rt(&["kill", "life", "KILL"]).status().unwrap().success());
     assert!(wait_until(Duration::from_secs(10), || state("life")
