@@ -47,8 +47,12 @@
 #                        postgres options are run instead, so the image is a
 #                        client too (psql, pg_isready, ... are in PATH);
 #                        CMD ["/usr/local/bin/docker-entrypoint.sh"],
-#                        ENV PGDATA and PATH, EXPOSE 5432 (docker import takes no STOPSIGNAL); no
-#                        VOLUME (so containers leave no anonymous volumes).
+#                        ENV PGDATA, PATH and PSQL_PAGER= (no pager: the image
+#                        has none, Debian's psql runs "pager", and under the
+#                        vmlab runtime stdout can be a terminal of 0 rows, so
+#                        psql -c "select 42" ran it and failed), EXPOSE 5432
+#                        (docker import takes no STOPSIGNAL); no VOLUME (so
+#                        containers leave no anonymous volumes).
 # Each root file system is a tar with fixed mtimes and owners, sorted,
 # cached as ${XDG_CACHE_HOME:-~/.cache}/vmlab/oci-images/KEY.tar, KEY
 # (busybox-DIGEST, postgres-DIGEST) being a digest of its inputs: this
@@ -549,7 +553,7 @@ build_postgres() {
     log "rootfs $tar ($(stat -c %s "$tar") bytes, with an initialized cluster)"
   fi
   import_image vmlab-postgres:test "$tar" "$key" 'CMD ["/usr/local/bin/docker-entrypoint.sh"]' \
-    "ENV PATH=$pg_path" 'ENV PGDATA=/var/lib/postgresql/data' 'EXPOSE 5432'
+    "ENV PATH=$pg_path" 'ENV PGDATA=/var/lib/postgresql/data' 'ENV PSQL_PAGER=' 'EXPOSE 5432'
 }
 
 build_busybox
