@@ -42,6 +42,9 @@ CHECKS=(
   # after SIGTERM/SIGKILL, the image root over virtio-fs. Not the share
   # test: L1's /tmp is a tmpfs of Linux 6.1, which has no user xattrs.
   "fs --skip share_behaves_as_the_host"
+  # The OCI runtime's own command line on a bundle (no engine in L1):
+  # create, the hooks, start, exec with a pty and a resize, kill, delete.
+  "oci runtime_cli"
 )
 # Host programs the tests run (copied into L1 with their libraries).
 TOOLS=(ip ping mkfs.ext4 debugfs)
@@ -199,6 +202,9 @@ export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
+# ptys, for the OCI runtime's exec --tty (tests/oci.rs).
+mkdir -p /dev/pts && mount -t devpts -o ptmxmode=0666,newinstance devpts /dev/pts \
+  && { [ -e /dev/ptmx ] || ln -s pts/ptmx /dev/ptmx; }
 # Not over a checkout staged under /tmp (a clone in /tmp/...): the
 # initramfs's own /tmp is writable too.
 [ -n "$(ls -A /tmp)" ] || mount -t tmpfs tmp /tmp

@@ -20,6 +20,7 @@
 //! "vmlab as an OCI runtime" say how the engines call it.
 
 pub mod cli;
+pub mod dns;
 pub mod monitor;
 pub mod net;
 pub mod process;

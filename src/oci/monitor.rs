@@ -82,6 +82,13 @@ pub fn main(dir: &Path, vm: &str) -> u8 {
             }
         }
     }
+    if plan.netns != NetNs::Host && super::dns::wanted(&plan.run_args) {
+        // Docker's embedded DNS answers only in this namespace: a
+        // forwarder here, reached by the guest over vsock.
+        if let Err(e) = super::dns::spawn_forwarder(Path::new(VM_ROOT).join(vm)) {
+            eprintln!("vmlab-runtime: DNS forwarder: {e}");
+        }
+    }
     argv.extend(plan.run_args.iter().cloned());
     let mut cmd = std::process::Command::new("/proc/self/exe");
     cmd.arg0("vmlab").args(&argv);

@@ -21,6 +21,7 @@
 mod agent;
 mod cmdline;
 mod console;
+mod dns;
 mod mounts;
 mod status;
 mod supervise;
@@ -239,6 +240,8 @@ fn run(signals: &Signals, opts: &Options, mounted: &[&std::ffi::CStr]) -> Outcom
         // Before the command starts, so that `vmlab run --detach` can
         // reach it while the command runs.
         agent::start();
+        // Docker's embedded DNS, through the runtime's forwarder (vsock).
+        dns::start_if_wanted();
         if cfg.cmd.is_none() {
             // Nothing to run but the agent: serve until powered off.
             return supervise::supervise(None, signals, opts);
