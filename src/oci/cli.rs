@@ -345,7 +345,13 @@ fn exit(result: Result<u8>, log: &Log) -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
+            // The log for containerd's shim (create, start), stderr for
+            // the calls whose output it reads instead (kill, delete) and
+            // for Podman: as runc does.
             log.line("error", &e.to_string());
+            if log.file.is_some() {
+                eprintln!("vmlab-runtime: {e}");
+            }
             ExitCode::from(1)
         }
     }
@@ -421,6 +427,7 @@ fn create(root: &Path, a: CreateArgs, log: &Log) -> Result<()> {
     let spec = spec::load(&bundle)?;
     let config = RuntimeConfig::load()?;
     let plan = spec::plan(&spec, &bundle, &config, host_cpus())?;
+    spec::prepare_readonly_root(&spec, &bundle)?;
     for s in &plan.skipped {
         log.warn(&format!("not in the VM: {s}"));
     }

@@ -47,13 +47,20 @@ pub fn main(dir: &Path, vm: &str) -> u8 {
     if let Err(e) = enter_netns(&plan.netns) {
         return fail(sync, &e);
     }
+    // The fifo is open before `create` hears "ready", so a `start` right
+    // after `create` finds its reader (a writer's non-blocking open fails
+    // with ENXIO while there is none).
+    let fifo = match open_fifo(&container) {
+        Ok(f) => f,
+        Err(e) => return fail(sync, &e),
+    };
     if let Some(mut s) = sync {
         // `create` waits for this line; if it is gone, so is the container.
         if s.write_all(READY).is_err() {
             return 1;
         }
     }
-    match wait_for_start(&container) {
+    match wait_for_start(&container, fifo) {
         Ok(true) => {}
         Ok(false) => {
             record_failure(&container, "the start fifo was closed without a start");
@@ -158,19 +165,50 @@ fn enter_netns(netns: &NetNs) -> Result<()> {
     }
 }
 
-/// Blocks until `start` (true) or until the fifo's writer left without a
-/// word (false: the container is being deleted).
-fn wait_for_start(container: &Container) -> Result<bool> {
+/// Opens the start fifo for reading without waiting for a writer.
+fn open_fifo(container: &Container) -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
     let fifo = container.fifo();
-    let mut f =
-        std::fs::File::open(&fifo).map_err(Error::io(format!("open {}", fifo.display())))?;
-    let mut byte = [0u8; 1];
-    let n = f
-        .read(&mut byte)
-        .map_err(Error::io(format!("read {}", fifo.display())))?;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .map_err(Error::io(format!("open {}", fifo.display())))
+}
+
+/// Blocks until `start` writes its byte (true) or a writer left without
+/// a word (false: the container is being deleted).
+fn wait_for_start(container: &Container, mut f: std::fs::File) -> Result<bool> {
+    let fifo = container.fifo();
+    loop {
+        let mut pfd = libc::pollfd {
+            fd: f.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll on one pollfd we own; no timeout: `kill` and
+        // `delete` end this process with a signal.
+        let r = unsafe { libc::poll(&mut pfd, 1, -1) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(Error::io(format!("poll {}", fifo.display()))(e));
+        }
+        let mut byte = [0u8; 1];
+        match f.read(&mut byte) {
+            Ok(1) => break,
+            // POLLHUP: a writer came and went without a byte.
+            Ok(_) => return Ok(false),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Error::io(format!("read {}", fifo.display()))(e)),
+        }
+    }
     drop(f);
     let _ = std::fs::remove_file(&fifo);
-    Ok(n == 1)
+    Ok(true)
 }
 
 /// The TAP for the namespace's interface, and the `vmlab run` arguments

@@ -391,6 +391,78 @@ pub fn check_entrypoint(rootfs: &Path, process: &oci_spec::runtime::Process) -> 
     }
 }
 
+/// For a read-only root (`root.readonly`, as the CRI gives a pod's
+/// sandbox): makes the mount points of the bind and tmpfs mounts that the
+/// root lacks, on the host, as runc does before it makes the root
+/// read-only (the guest could not: its root share is read-only). A file
+/// for a file source, else a directory; paths resolved inside the root.
+pub fn prepare_readonly_root(spec: &Spec, bundle: &Path) -> Result<()> {
+    let Some(root) = spec.root().as_ref() else {
+        return Ok(());
+    };
+    if root.readonly() != Some(true) {
+        return Ok(());
+    }
+    let rootfs = match root.path().is_absolute() {
+        true => root.path().clone(),
+        false => bundle.join(root.path()),
+    };
+    for m in spec.mounts().iter().flatten() {
+        let dest = m.destination();
+        let own = ["/proc", "/dev", "/sys"]
+            .iter()
+            .any(|p| dest.starts_with(p));
+        let typ = m.typ().as_deref().unwrap_or("");
+        let options = m.options().clone().unwrap_or_default();
+        let bind = typ == "bind" || options.iter().any(|o| o == "bind" || o == "rbind");
+        if own || !(bind || typ == "tmpfs") {
+            continue;
+        }
+        let file = bind && m.source().as_ref().is_some_and(|s| s.is_file());
+        ensure_in_root(&rootfs, dest, file).map_err(|e| {
+            Error::msg(format!(
+                "read-only root {}: mount point {}: {e}",
+                rootfs.display(),
+                dest.display()
+            ))
+        })?;
+    }
+    Ok(())
+}
+
+/// Creates `dest` (absolute in the container) under `rootfs` with its
+/// missing parents, each resolved inside the root.
+fn ensure_in_root(rootfs: &Path, dest: &Path, file: bool) -> std::io::Result<()> {
+    use std::path::Component;
+    let names: Vec<_> = dest
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n.to_os_string()),
+            _ => None,
+        })
+        .collect();
+    let mut cur = PathBuf::from("/");
+    for (i, name) in names.iter().enumerate() {
+        let parent = cur.clone();
+        cur.push(name);
+        if resolve_in_root(rootfs, &cur).is_some() {
+            continue;
+        }
+        let host_parent = resolve_in_root(rootfs, &parent).ok_or(std::io::ErrorKind::NotFound)?;
+        let host = host_parent.join(name);
+        match i + 1 == names.len() && file {
+            true => {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&host)?;
+            }
+            false => std::fs::create_dir(&host)?,
+        }
+    }
+    Ok(())
+}
+
 /// `path` (absolute in the container) resolved to a host path under
 /// `rootfs`, following symbolic links as the container would see them;
 /// `None` if a component is missing or there are too many links.
@@ -450,6 +522,37 @@ fn path_str(p: &Path) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mount_points_of_a_read_only_root_are_made_inside_it() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let (root, host) = (dir.path().join("rootfs"), dir.path().join("host"));
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::create_dir_all(&host).unwrap();
+        std::fs::write(host.join("resolv.conf"), "nameserver 10.0.0.1\n").unwrap();
+        // A link out of the root: the mount point goes inside the root.
+        symlink("/", root.join("escape")).unwrap();
+        let json = serde_json::json!({
+            "ociVersion": "1.0.2",
+            "root": {"path": "rootfs", "readonly": true},
+            "mounts": [
+                {"destination": "/etc/resolv.conf", "type": "bind",
+                 "source": host.join("resolv.conf"), "options": ["rbind", "ro"]},
+                {"destination": "/data/deep", "type": "bind", "source": host, "options": ["rbind"]},
+                {"destination": "/escape/x", "type": "tmpfs", "source": "tmpfs"},
+                {"destination": "/dev/shm", "type": "tmpfs", "source": "shm"}
+            ]
+        });
+        let spec: Spec = serde_json::from_value(json).unwrap();
+        prepare_readonly_root(&spec, dir.path()).unwrap();
+        assert!(root.join("etc/resolv.conf").is_file());
+        assert!(root.join("data/deep").is_dir());
+        assert!(root.join("x").is_dir(), "/escape/x is /x inside the root");
+        assert!(!root.join("dev").exists());
+        // Idempotent.
+        prepare_readonly_root(&spec, dir.path()).unwrap();
+    }
 
     #[test]
     fn entrypoints_are_found_in_the_root_as_runc_does() {
