@@ -24,8 +24,22 @@ target/release/vmlab run \
   --initrd target/guest/initramfs.cpio \
   --memory 256M --cpus 2 --boot-time \
   -- sh -c 'echo "hello from the vmlab guest"; echo "kernel: $(uname -r) (host: '"$(uname -r)"')"; echo "vCPUs: $(nproc)"; grep MemTotal /proc/meminfo'
+echo "demo: the same docker run line with runc and with --runtime vmlab (each container a micro-VM)"
+if ! scripts/engines.sh status >/dev/null 2>&1; then
+  trap 'scripts/engines.sh stop >/dev/null 2>&1 || true' EXIT
+fi
+scripts/engines.sh start | tail -1
+scripts/install-runtime.sh --binary target/release/vmlab --reload | tail -1
+scripts/build-oci-images.sh | tail -1
+docker=(env DOCKER_HOST=unix:///var/run/docker.sock /usr/bin/docker)
+for rt in runc vmlab; do
+  start=$(date +%s.%N)
+  out=$("${docker[@]}" run --rm --runtime "$rt" vmlab-busybox:test sh -c 'echo "kernel $(uname -r), $(nproc) CPU(s)"')
+  secs=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+  echo "demo: docker run --runtime $rt: $out (${secs} s)"
+done
 echo "demo: the same workload on the host, in a container and in a micro-VM (vmlab compare; minutes on a nested-KVM host, seconds on hardware KVM)"
-exec target/release/vmlab compare \
+target/release/vmlab compare \
   --image target/guest/sample-image \
   --kernel target/guest/vmlinux \
   --repeat 1 \
