@@ -11,17 +11,16 @@
 //! [`MAX_MESSAGE`] bytes per direction.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Docker's embedded DNS.
-pub const DOCKER_DNS: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 11);
+use vmlab_agent_proto::DOCKER_DNS;
 /// The vsock port the guest's stub connects to.
-pub const VSOCK_PORT: u32 = 53;
+pub const VSOCK_PORT: u32 = vmlab_agent_proto::DNS_PORT;
 /// Most connections at once.
 const MAX_CONNECTIONS: usize = 32;
 /// Per read or write.
@@ -31,28 +30,19 @@ const MAX_MESSAGE: u64 = 1 << 20;
 /// How long the forwarder waits for the VM's state directory.
 const VM_DIR_WAIT: Duration = Duration::from_secs(300);
 
-/// Whether the resolv.conf the plan gives the guest names 127.0.0.11.
+/// Whether the resolv.conf the plan gives the guest (its `--volume
+/// FILE:/etc/resolv.conf[:ro]`) names 127.0.0.11.
 pub fn wanted(run_args: &[String]) -> bool {
     let resolv = run_args
         .windows(2)
         .filter(|w| w[0] == "--volume")
-        .find_map(|w| w[1].strip_suffix(":/etc/resolv.conf").map(str::to_string))
-        .or_else(|| {
-            run_args
-                .windows(2)
-                .filter(|w| w[0] == "--volume")
-                .find_map(|w| {
-                    w[1].strip_suffix(":/etc/resolv.conf:ro")
-                        .map(str::to_string)
-                })
+        .find_map(|w| {
+            let v = w[1].strip_suffix(":ro").unwrap_or(&w[1]);
+            v.strip_suffix(":/etc/resolv.conf")
         });
-    let Some(path) = resolv else { return false };
-    std::fs::read_to_string(path).is_ok_and(|c| {
-        c.lines().any(|l| {
-            let mut w = l.split_whitespace();
-            w.next() == Some("nameserver") && w.next() == Some("127.0.0.11")
-        })
-    })
+    resolv
+        .and_then(|path| std::fs::read_to_string(path).ok())
+        .is_some_and(|c| vmlab_agent_proto::names_docker_dns(&c))
 }
 
 /// Forks the forwarder for the VM whose state directory is `vm_dir` (made
@@ -163,6 +153,11 @@ mod tests {
             ]
         };
         assert!(wanted(&args(&a)));
+        let ro = vec![
+            "--volume".to_string(),
+            format!("{}:/etc/resolv.conf:ro", a.display()),
+        ];
+        assert!(wanted(&ro));
         assert!(!wanted(&args(&b)));
         assert!(!wanted(&[]));
         std::fs::remove_dir_all(&dir).unwrap();

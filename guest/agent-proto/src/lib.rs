@@ -25,6 +25,25 @@ use std::io::{self, Read, Write};
 
 /// The vsock port the guest agent listens on.
 pub const PORT: u32 = 1024;
+
+/// The host vsock port of the OCI runtime's DNS forwarder: the guest
+/// init's stub for Docker's embedded DNS sends each query there, DNS over
+/// TCP framed (src/oci/dns.rs, guest/init/src/dns.rs).
+pub const DNS_PORT: u32 = 53;
+
+/// Docker's embedded DNS server, as a container's resolv.conf names it on
+/// a user-defined network.
+pub const DOCKER_DNS: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 11);
+
+/// Whether a resolv.conf names Docker's embedded DNS (`nameserver
+/// 127.0.0.11`), which answers only inside the container's network
+/// namespace on the host: both sides decide by this whether to forward.
+pub fn names_docker_dns(resolv_conf: &str) -> bool {
+    resolv_conf.lines().any(|l| {
+        let mut w = l.split_whitespace();
+        w.next() == Some("nameserver") && w.next() == Some("127.0.0.11")
+    })
+}
 /// Largest frame (type byte + payload) either side accepts.
 pub const MAX_FRAME: usize = 1 << 20;
 /// Bytes before the type: the `u32` length.
@@ -477,6 +496,17 @@ pub fn write_message(w: &mut impl Write, msg: &Message) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_dockers_embedded_dns_is_forwarded() {
+        assert!(names_docker_dns(
+            "search x\nnameserver 127.0.0.11\noptions ndots:0\n"
+        ));
+        assert!(names_docker_dns("nameserver\t127.0.0.11"));
+        assert!(!names_docker_dns("nameserver 10.0.0.1\n"));
+        assert!(!names_docker_dns("# nameserver 127.0.0.11\n"));
+        assert!(!names_docker_dns("nameserver 127.0.0.111\n"));
+    }
 
     fn all_messages() -> Vec<Message> {
         vec![

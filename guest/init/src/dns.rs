@@ -14,16 +14,15 @@
 //! resolver retries), each with a [`TIMEOUT`] on every step.
 
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Docker's embedded DNS address.
-pub const DOCKER_DNS: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 11);
+use vmlab_agent_proto::DOCKER_DNS;
 /// The host vsock port the runtime's forwarder listens on.
-pub const HOST_PORT: u32 = 53;
+pub const HOST_PORT: u32 = vmlab_agent_proto::DNS_PORT;
 /// The host's CID.
 const HOST_CID: u32 = 2;
 /// Most queries in flight.
@@ -31,18 +30,10 @@ const MAX_INFLIGHT: usize = 16;
 /// Per step (connect, send, receive).
 const TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Whether `resolv_conf` names Docker's embedded DNS.
-pub fn wanted(resolv_conf: &str) -> bool {
-    resolv_conf.lines().any(|l| {
-        let mut w = l.split_whitespace();
-        w.next() == Some("nameserver") && w.next() == Some("127.0.0.11")
-    })
-}
-
 /// Starts the stub if /etc/resolv.conf names 127.0.0.11.
 pub fn start_if_wanted() {
     match std::fs::read_to_string("/etc/resolv.conf") {
-        Ok(c) if wanted(&c) => {}
+        Ok(c) if vmlab_agent_proto::names_docker_dns(&c) => {}
         _ => return,
     }
     let sock = match UdpSocket::bind(SocketAddr::from((DOCKER_DNS, 53))) {
@@ -148,19 +139,5 @@ fn vsock_connect(cid: u32, port: u32) -> io::Result<OwnedFd> {
     match rc {
         0 => Ok(fd),
         _ => Err(io::Error::last_os_error()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_dockers_embedded_dns_is_served() {
-        assert!(wanted("search x\nnameserver 127.0.0.11\noptions ndots:0\n"));
-        assert!(wanted("nameserver\t127.0.0.11"));
-        assert!(!wanted("nameserver 10.0.0.1\n"));
-        assert!(!wanted("# nameserver 127.0.0.11\n"));
-        assert!(!wanted("nameserver 127.0.0.111\n"));
     }
 }
