@@ -55,10 +55,14 @@ fn pid_alive(pid: u32) -> bool {
     unsafe { libc::kill(pid, 0) == 0 }
 }
 
-fn signal_pid(pid: u32, sig: libc::c_int) {
-    if let Ok(pid) = libc::pid_t::try_from(pid) {
+/// Sends `sig` to process `pid`; whether it was delivered. Pid 0 (which
+/// kill(2) takes as "my process group") and pids beyond `pid_t` are not
+/// signalled.
+pub fn signal_pid(pid: u32, sig: libc::c_int) -> bool {
+    match libc::pid_t::try_from(pid) {
         // SAFETY: kill has no memory effects.
-        unsafe { libc::kill(pid, sig) };
+        Ok(pid) if pid > 0 => unsafe { libc::kill(pid, sig) == 0 },
+        _ => false,
     }
 }
 

@@ -873,56 +873,12 @@ fn ps(root: &Path, a: &PsArgs) -> Result<()> {
 
 // ---------------------------------------------------------------- kill
 
-/// A signal by number or by name (`KILL`, `SIGKILL`, `kill`).
+/// A signal by number or by name (`KILL`, `SIGKILL`, `kill`): `vmlab
+/// kill`'s parser.
 pub fn parse_signal(s: &str) -> Result<i32> {
-    if let Ok(n) = s.parse::<i32>() {
-        return match n {
-            1..=64 => Ok(n),
-            _ => Err(Error::msg(format!("invalid signal number {n}"))),
-        };
-    }
-    let up = s.to_ascii_uppercase();
-    let name = up.strip_prefix("SIG").unwrap_or(&up);
-    let n = match name {
-        "HUP" => libc::SIGHUP,
-        "INT" => libc::SIGINT,
-        "QUIT" => libc::SIGQUIT,
-        "ILL" => libc::SIGILL,
-        "TRAP" => libc::SIGTRAP,
-        "ABRT" | "IOT" => libc::SIGABRT,
-        "BUS" => libc::SIGBUS,
-        "FPE" => libc::SIGFPE,
-        "KILL" => libc::SIGKILL,
-        "USR1" => libc::SIGUSR1,
-        "SEGV" => libc::SIGSEGV,
-        "USR2" => libc::SIGUSR2,
-        "PIPE" => libc::SIGPIPE,
-        "ALRM" => libc::SIGALRM,
-        "TERM" => libc::SIGTERM,
-        "STKFLT" => libc::SIGSTKFLT,
-        "CHLD" => libc::SIGCHLD,
-        "CONT" => libc::SIGCONT,
-        "STOP" => libc::SIGSTOP,
-        "TSTP" => libc::SIGTSTP,
-        "TTIN" => libc::SIGTTIN,
-        "TTOU" => libc::SIGTTOU,
-        "URG" => libc::SIGURG,
-        "XCPU" => libc::SIGXCPU,
-        "XFSZ" => libc::SIGXFSZ,
-        "VTALRM" => libc::SIGVTALRM,
-        "PROF" => libc::SIGPROF,
-        "WINCH" => libc::SIGWINCH,
-        "IO" | "POLL" => libc::SIGIO,
-        "PWR" => libc::SIGPWR,
-        "SYS" => libc::SIGSYS,
-        _ => return Err(Error::msg(format!("unknown signal '{s}'"))),
-    };
-    Ok(n)
-}
-
-fn signal_pid(pid: u32, sig: i32) -> bool {
-    // SAFETY: kill has no memory effects.
-    pid != 0 && unsafe { libc::kill(pid as i32, sig) } == 0
+    crate::cli::parse_signal(s)
+        .map(i32::from)
+        .map_err(Error::Msg)
 }
 
 /// How long `kill` waits for a booting guest's agent before it falls back
@@ -937,7 +893,7 @@ fn kill(root: &Path, a: &KillArgs, log: &Log) -> Result<()> {
     if status == Status::Stopped || status == Status::Creating {
         if a.all && !execs.is_empty() {
             execs.iter().for_each(|&p| {
-                signal_pid(p, sig);
+                crate::instances::signal_pid(p, sig);
             });
             return Ok(());
         }
@@ -946,16 +902,16 @@ fn kill(root: &Path, a: &KillArgs, log: &Log) -> Result<()> {
     }
     if a.all {
         execs.iter().for_each(|&p| {
-            signal_pid(p, sig);
+            crate::instances::signal_pid(p, sig);
         });
     }
     if sig == libc::SIGKILL || status == Status::Created {
         // Before start the monitor waits on the fifo; after it, it is the
         // VMM. SIGKILL ends the VM at once (its virtiofsd die with it).
         if record.paused {
-            signal_pid(record.pid, libc::SIGCONT);
+            crate::instances::signal_pid(record.pid, libc::SIGCONT);
         }
-        signal_pid(record.pid, sig);
+        crate::instances::signal_pid(record.pid, sig);
         return Ok(());
     }
     if sig == libc::SIGWINCH {
@@ -979,7 +935,7 @@ fn kill(root: &Path, a: &KillArgs, log: &Log) -> Result<()> {
                 "the guest agent did not take signal {sig} ({e}): the VMM gets it and shuts \
                  the VM down"
             ));
-            signal_pid(record.pid, sig);
+            crate::instances::signal_pid(record.pid, sig);
             Ok(())
         }
         Err(e) => Err(Error::msg(format!(
@@ -1019,12 +975,12 @@ fn delete(root: &Path, id: &str, force: bool, log: &Log) -> Result<()> {
     }
     if status != Status::Stopped {
         if record.paused {
-            signal_pid(record.pid, libc::SIGCONT);
+            crate::instances::signal_pid(record.pid, libc::SIGCONT);
         }
-        signal_pid(record.pid, libc::SIGKILL);
+        crate::instances::signal_pid(record.pid, libc::SIGKILL);
     }
     for p in container.exec_pids() {
-        signal_pid(p, libc::SIGKILL);
+        crate::instances::signal_pid(p, libc::SIGKILL);
     }
     if record.pid != 0 {
         wait_stopped(&record, Duration::from_secs(10));
@@ -1236,7 +1192,7 @@ fn pause(root: &Path, id: &str, pause: bool) -> Result<()> {
     }
     // SIGSTOP stops every thread of the VMM: the vCPUs and the devices.
     let sig = if pause { libc::SIGSTOP } else { libc::SIGCONT };
-    if !signal_pid(record.pid, sig) {
+    if !crate::instances::signal_pid(record.pid, sig) {
         return Err(Error::io(format!("signal the VMM (pid {})", record.pid))(
             std::io::Error::last_os_error(),
         ));
