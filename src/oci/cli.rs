@@ -394,19 +394,6 @@ fn load(root: &Path, id: &str) -> Result<(Container, Record)> {
     Ok((c, r))
 }
 
-/// Writes `text` to `path` atomically (a temporary file renamed into place).
-fn write_atomic(path: &Path, text: &str) -> Result<()> {
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::msg(format!("{}: not a file path", path.display())))?;
-    let mut tmp_name = OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(".tmp");
-    let tmp = path.with_file_name(tmp_name);
-    fs::write(&tmp, text).map_err(Error::io(format!("write {}", tmp.display())))?;
-    fs::rename(&tmp, path).map_err(Error::io(format!("write {}", path.display())))
-}
-
 fn host_cpus() -> u32 {
     std::thread::available_parallelism()
         .map(|n| n.get() as u32)
@@ -492,7 +479,7 @@ fn create_in(
     fs::create_dir_all(container.execs()).map_err(Error::io("create the execs directory"))?;
     let plan_json =
         serde_json::to_string(plan).map_err(|e| Error::msg(format!("encode the plan: {e}")))?;
-    write_atomic(&container.plan(), &plan_json)?;
+    state::write_atomic(&container.plan(), &plan_json)?;
     mkfifo(&container.fifo())?;
     let mut record = Record {
         id: a.id.clone(),
@@ -511,14 +498,7 @@ fn create_in(
     };
     container.save(&record)?;
 
-    let pty = match console {
-        Some(socket) => {
-            let pty = process::open_pty()?;
-            process::send_console(socket, &pty)?;
-            Some(pty)
-        }
-        None => None,
-    };
+    let pty = process::console(console)?;
     let (sync_r, sync_w) = monitor::sync_pipe()?;
     let mut cmd = Command::new("/proc/self/exe");
     cmd.arg0(RUNTIME_NAME)
@@ -535,13 +515,7 @@ fn create_in(
             if libc::fcntl(w, libc::F_SETFD, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            match slave {
-                Some(fd) => process::attach_terminal(fd),
-                None => match libc::setsid() {
-                    -1 => Err(std::io::Error::last_os_error()),
-                    _ => Ok(()),
-                },
-            }
+            process::new_session(slave)
         });
     }
     let mut child = cmd
@@ -569,7 +543,7 @@ fn create_in(
     container.save(&record)?;
     let after = (|| -> Result<()> {
         if let Some(p) = &a.pid_file {
-            write_atomic(p, &record.pid.to_string())?;
+            state::write_atomic(p, &record.pid.to_string())?;
         }
         let hooks = spec.hooks().clone().unwrap_or_default();
         let st = state::state_json(&record, Status::Created);
@@ -615,33 +589,19 @@ fn mkfifo(path: &Path) -> Result<()> {
 /// Reads the sync pipe to its end (the monitor closes it after its line),
 /// at most `timeout`.
 fn read_sync(fd: OwnedFd, timeout: Duration) -> Result<Vec<u8>> {
+    use std::os::fd::AsFd;
     let deadline = Instant::now() + timeout;
     let mut out = Vec::new();
     let mut f = fs::File::from(fd);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
+        let ready = super::wait_readable(f.as_fd(), Some(left))
+            .map_err(Error::io("poll the monitor's pipe"))?;
+        if !ready {
             return Err(Error::msg(format!(
                 "no word within {} s",
                 timeout.as_secs()
             )));
-        }
-        let mut pfd = libc::pollfd {
-            fd: f.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: poll on one pollfd we own.
-        let r = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(Error::io("poll the monitor's pipe")(e));
-        }
-        if r == 0 {
-            continue;
         }
         let mut buf = [0u8; 512];
         match f.read(&mut buf) {
@@ -1095,28 +1055,17 @@ fn exec(root: &Path, a: ExecArgs, log: &Log) -> Result<u8> {
     let file = container.execs().join(format!("{nonce}.json"));
     let json =
         serde_json::to_string(&opts).map_err(|e| Error::msg(format!("encode the exec: {e}")))?;
-    write_atomic(&file, &json)?;
-    let pty = match &console {
-        Some(s) => {
-            let pty = process::open_pty()?;
-            process::send_console(s, &pty)?;
-            Some(pty)
-        }
-        None => None,
-    };
+    state::write_atomic(&file, &json)?;
+    let pty = process::console(console.as_deref())?;
     let mut cmd = Command::new("/proc/self/exe");
     cmd.arg0(RUNTIME_NAME).arg("__exec").arg(&file);
     let slave = pty.as_ref().map(|p| p.slave.as_raw_fd());
     let detach = a.detach;
     // SAFETY: async-signal-safe calls only (setsid, ioctl, dup2).
     unsafe {
-        cmd.pre_exec(move || match slave {
-            Some(fd) => process::attach_terminal(fd),
-            None if detach => match libc::setsid() {
-                -1 => Err(std::io::Error::last_os_error()),
-                _ => Ok(()),
-            },
-            None => Ok(()),
+        cmd.pre_exec(move || match slave.is_some() || detach {
+            true => process::new_session(slave),
+            false => Ok(()),
         });
     }
     let mut child = cmd.spawn().map_err(|e| {
@@ -1126,13 +1075,13 @@ fn exec(root: &Path, a: ExecArgs, log: &Log) -> Result<u8> {
     drop(pty);
     let pid = child.id();
     if let Some(start) = state::start_time(pid) {
-        let _ = write_atomic(
+        let _ = state::write_atomic(
             &container.execs().join(format!("{nonce}.pid")),
             &format!("{pid} {start}"),
         );
     }
     if let Some(pf) = &a.pid_file {
-        write_atomic(pf, &pid.to_string())?;
+        state::write_atomic(pf, &pid.to_string())?;
     }
     log.debug(&format!("exec {nonce}: pid {pid}"));
     if a.detach {

@@ -181,21 +181,9 @@ fn open_fifo(container: &Container) -> Result<std::fs::File> {
 fn wait_for_start(container: &Container, mut f: std::fs::File) -> Result<bool> {
     let fifo = container.fifo();
     loop {
-        let mut pfd = libc::pollfd {
-            fd: f.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: poll on one pollfd we own; no timeout: `kill` and
-        // `delete` end this process with a signal.
-        let r = unsafe { libc::poll(&mut pfd, 1, -1) };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(Error::io(format!("poll {}", fifo.display()))(e));
-        }
+        // No timeout: `kill` and `delete` end this process with a signal.
+        super::wait_readable(std::os::fd::AsFd::as_fd(&f), None)
+            .map_err(Error::io(format!("poll {}", fifo.display())))?;
         let mut byte = [0u8; 1];
         match f.read(&mut byte) {
             Ok(1) => break,

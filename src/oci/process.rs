@@ -85,6 +85,31 @@ pub fn send_console(socket: &Path, pty: &Pty) -> Result<()> {
     Ok(())
 }
 
+/// A new pty whose master goes to `socket` (`--console-socket`), when
+/// one is asked for: `None` without a socket.
+pub fn console(socket: Option<&Path>) -> Result<Option<Pty>> {
+    let Some(socket) = socket else {
+        return Ok(None);
+    };
+    let pty = open_pty()?;
+    send_console(socket, &pty)?;
+    Ok(Some(pty))
+}
+
+/// For `pre_exec`: a new session, with `terminal` (a pty slave) as its
+/// controlling terminal and stdio when given ([`attach_terminal`]).
+/// Async-signal-safe calls only.
+pub fn new_session(terminal: Option<i32>) -> std::io::Result<()> {
+    match terminal {
+        Some(fd) => attach_terminal(fd),
+        // SAFETY: setsid has no memory effects.
+        None => match unsafe { libc::setsid() } {
+            -1 => Err(std::io::Error::last_os_error()),
+            _ => Ok(()),
+        },
+    }
+}
+
 /// Makes `fd` stdin, stdout, stderr and the controlling terminal of the
 /// calling process, in a new session. For `pre_exec`: async-signal-safe
 /// calls only.

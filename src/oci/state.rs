@@ -160,14 +160,11 @@ impl Container {
         serde_json::from_slice(&bytes)
             .map_err(|e| Error::msg(format!("{}: corrupt state: {e}", path.display())))
     }
-    /// Writes the record atomically (a temporary file renamed into place).
+    /// Writes the record atomically ([`write_atomic`]).
     pub fn save(&self, record: &Record) -> Result<()> {
-        let path = self.record_path();
-        let tmp = self.dir.join(".state.json.tmp");
-        let json = serde_json::to_vec_pretty(record)
+        let json = serde_json::to_string_pretty(record)
             .map_err(|e| Error::msg(format!("encode state: {e}")))?;
-        fs::write(&tmp, json).map_err(Error::io(format!("write {}", tmp.display())))?;
-        fs::rename(&tmp, &path).map_err(Error::io(format!("rename to {}", path.display())))
+        write_atomic(&self.record_path(), &json)
     }
     /// The pids of the exec processes still alive.
     pub fn exec_pids(&self) -> Vec<u32> {
@@ -183,6 +180,20 @@ impl Container {
             })
             .collect()
     }
+}
+
+/// Writes `text` to `path` atomically: `.NAME.tmp` beside it, renamed
+/// into place, so a reader sees the old file or the new one.
+pub fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::msg(format!("{}: not a file path", path.display())))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
+    fs::write(&tmp, text).map_err(Error::io(format!("write {}", tmp.display())))?;
+    fs::rename(&tmp, path).map_err(Error::io(format!("write {}", path.display())))
 }
 
 /// The status of the container `record` describes, from its monitor.
