@@ -165,6 +165,15 @@ fn ok(cmd: Command) -> String {
     r.stdout
 }
 
+/// `docker run -d --name NAME --runtime vmlab [FLAGS] busybox CMD...`.
+fn run_vm_detached(name: &str, flags: &[&str], cmd: &[&str]) {
+    let mut args = vec!["run", "-d", "--name", name, "--runtime", "vmlab"];
+    args.extend_from_slice(flags);
+    args.push(BUSYBOX);
+    args.extend_from_slice(cmd);
+    ok(docker(&args));
+}
+
 /// Removes containers by name, ignoring those that do not exist.
 fn docker_rm(names: &[&str]) {
     let mut args = vec!["rm", "-f"];
@@ -371,19 +380,16 @@ fn docker_detached_exec_logs_signals_top_pause_and_stop() {
     let Some(_engines) = engines() else { return };
     let name = "vmlab-oci-detached";
     docker_rm(&[name]);
-    ok(docker(&[
-        "run",
-        "-d",
-        "--name",
+    run_vm_detached(
         name,
-        "--runtime",
-        "vmlab",
-        BUSYBOX,
-        "sh",
-        "-c",
-        "trap 'echo caught USR1' USR1; trap 'echo caught TERM; exit 7' TERM; \
-         echo started; while true; do sleep 1; done",
-    ]));
+        &[],
+        &[
+            "sh",
+            "-c",
+            "trap 'echo caught USR1' USR1; trap 'echo caught TERM; exit 7' TERM; \
+             echo started; while true; do sleep 1; done",
+        ],
+    );
     let me = docker_id(name);
     // exec's status, stdin with -i, a terminal with -it (under script(1),
     // which gives the docker CLI a terminal).
@@ -469,21 +475,16 @@ fn docker_bridge_network_published_port_stop_timeout_and_rm_force() {
     // 127.0.0.1, and ignores SIGTERM (so `docker stop -t 2` has to kill it).
     let port = free_port();
     let publish = format!("127.0.0.1:{port}:80");
-    ok(docker(&[
-        "run",
-        "-d",
-        "--name",
+    run_vm_detached(
         vm,
-        "--runtime",
-        "vmlab",
-        "-p",
-        &publish,
-        BUSYBOX,
-        "sh",
-        "-c",
-        "trap '' TERM; mkdir -p /www; echo from-vmlab > /www/index.html; \
-         exec httpd -f -p 80 -h /www",
-    ]));
+        &["-p", &publish],
+        &[
+            "sh",
+            "-c",
+            "trap '' TERM; mkdir -p /www; echo from-vmlab > /www/index.html; \
+             exec httpd -f -p 80 -h /www",
+        ],
+    );
     let ip = |n: &str| {
         ok(docker(&[
             "inspect",
@@ -532,17 +533,7 @@ fn docker_bridge_network_published_port_stop_timeout_and_rm_force() {
     assert_nothing_left("docker stop -t 2 and docker rm -f", &[me]);
 
     // docker rm -f of a running VM.
-    ok(docker(&[
-        "run",
-        "-d",
-        "--name",
-        vm,
-        "--runtime",
-        "vmlab",
-        BUSYBOX,
-        "sleep",
-        "600",
-    ]));
+    run_vm_detached(vm, &[], &["sleep", "600"]);
     ok(docker(&["exec", vm, "true"]));
     let me = docker_id(vm);
     ok(docker(&["rm", "-f", vm]));
@@ -597,17 +588,7 @@ fn docker_bad_entrypoints_and_vmm_killed_with_sigkill() {
     // delete cleans up what the VMM could not.
     let name = "vmlab-oci-killed";
     docker_rm(&[name]);
-    ok(docker(&[
-        "run",
-        "-d",
-        "--name",
-        name,
-        "--runtime",
-        "vmlab",
-        BUSYBOX,
-        "sleep",
-        "600",
-    ]));
+    run_vm_detached(name, &[], &["sleep", "600"]);
     ok(docker(&["exec", name, "true"]));
     let me = docker_id(name);
     let pid: i32 = ok(docker(&["inspect", "-f", "{{.State.Pid}}", name]))
