@@ -87,17 +87,10 @@ ctr_k8s=(ctr --address "$sock" --namespace k8s.io)
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 
-is_live() {
-  local st
-  [ "$(cat "/proc/$1/comm" 2>/dev/null || true)" = "$2" ] || return 1
-  st="$(sed -n 's/^State:[[:space:]]*\([A-Z]\).*/\1/p' "/proc/$1/status" 2>/dev/null || true)"
-  [ -n "$st" ] && [ "$st" != Z ] && [ "$st" != X ]
-}
-our_pid() {
-  local pid
-  pid="$(cat "$pidf" 2>/dev/null || true)"
-  [ -n "$pid" ] && is_live "$pid" containerd && echo "$pid"
-}
+# is_live PID NAME, alive_pid FILE NAME.
+# shellcheck source=scripts/lib/proc.sh
+. "$repo/scripts/lib/proc.sh"
+our_pid() { alive_pid "$pidf" containerd; }
 answers() { timeout 5 ctr --address "$sock" version >/dev/null 2>&1; }
 # The shims our containerd started: their command line names our socket.
 our_shims() {

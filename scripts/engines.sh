@@ -19,6 +19,7 @@
 set -euo pipefail
 log() { echo "engines: $*"; }
 die() { echo "engines: ERROR: $*" >&2; exit 1; }
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 run_dir=/run/vmlab-engines
 timeout_s="${VMLAB_ENGINES_TIMEOUT:-60}"
@@ -27,19 +28,9 @@ docker_sock=/var/run/docker.sock
 # Debian's CLI, not a newer /usr/local/bin/docker that may shadow it.
 docker_cli=/usr/bin/docker
 
-# Whether PID is a live (not zombie) process named NAME.
-is_live() {
-  local st
-  [ "$(cat "/proc/$1/comm" 2>/dev/null || true)" = "$2" ] || return 1
-  st="$(sed -n 's/^State:[[:space:]]*\([A-Z]\).*/\1/p' "/proc/$1/status" 2>/dev/null || true)"
-  [ -n "$st" ] && [ "$st" != Z ] && [ "$st" != X ]
-}
-# The pid in FILE, if that process is alive and is NAME.
-alive_pid() {
-  local pid
-  pid="$(cat "$1" 2>/dev/null || true)"
-  [ -n "$pid" ] && is_live "$pid" "$2" && echo "$pid"
-}
+# is_live PID NAME, alive_pid FILE NAME.
+# shellcheck source=scripts/lib/proc.sh
+. "$repo/scripts/lib/proc.sh"
 # Any live process named NAME (started by us or not).
 any_pid() {
   local pid
